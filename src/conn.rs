@@ -1,0 +1,465 @@
+//! One TCP connection through its life: reading the HTTP request head, writing the HTTP
+//! answer, speaking WebSocket through tungstenite, and closing. Only byte moving lives here;
+//! what a message means is the server's business.
+
+use crate::http::{self, Head, MAX_HEAD_BYTES};
+use crate::protocol::UserId;
+use crate::session::ConnId;
+use mio::net::TcpStream;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::time::Instant;
+use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tungstenite::{Message, Utf8Bytes, WebSocket};
+
+/// Bytes tungstenite reads per `read` call and keeps allocated per connection. Small,
+/// because an idle kiosk connection must cost a few KiB; a larger message grows the buffer
+/// only while it is being read.
+pub const READ_BUFFER_BYTES: usize = 2 * 1024;
+
+/// Bytes a refused client may still send after its answer before the socket is dropped.
+const LINGER_DISCARD_BYTES: usize = 64 * 1024;
+
+/// What the WebSocket carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A chat session.
+    Chat {
+        /// Whose.
+        user: UserId,
+        /// The client's resume point.
+        since: Option<u64>,
+    },
+    /// The raw echo endpoint.
+    Echo,
+}
+
+/// Where a connection is in its life.
+pub enum Phase {
+    /// Reading the HTTP request head.
+    Handshake {
+        /// The socket.
+        stream: TcpStream,
+        /// Bytes read so far (at most `MAX_HEAD_BYTES`).
+        buf: Vec<u8>,
+    },
+    /// Writing an HTTP answer.
+    Respond {
+        /// The socket.
+        stream: TcpStream,
+        /// The answer.
+        out: Vec<u8>,
+        /// How much of it is written.
+        pos: usize,
+        /// After the answer: the WebSocket and the bytes the client sent past the head,
+        /// or `None` to close.
+        upgrade: Option<(Kind, Vec<u8>)>,
+    },
+    /// Answer written and write side shut: reading what the client still sends until it
+    /// closes, so that unread data does not turn our close into a reset that destroys the
+    /// answer in flight.
+    Linger {
+        /// The socket.
+        stream: TcpStream,
+        /// Bytes discarded so far.
+        discarded: usize,
+    },
+    /// An open WebSocket.
+    Open(Box<WebSocket<TcpStream>>),
+    /// We or the client started the close handshake.
+    Closing(Box<WebSocket<TcpStream>>),
+    /// Only while one phase is moved into the next; never seen outside `Conn`'s methods.
+    Gone,
+}
+
+/// A connection in the server's slab.
+pub struct Conn {
+    /// Its id (slot and generation).
+    pub id: ConnId,
+    /// The client's address, for logs.
+    pub peer: SocketAddr,
+    /// Where it is in its life.
+    pub phase: Phase,
+    /// What the WebSocket carries, once upgraded.
+    pub kind: Option<Kind>,
+    /// End of the current handshake, answer or close phase.
+    pub deadline: Instant,
+    /// The instant this connection is scheduled in the timer heap for.
+    pub timer_at: Option<Instant>,
+    /// Last time anything arrived from the client (heartbeat).
+    pub last_rx: Instant,
+    /// The first unanswered ping, if one is outstanding.
+    pub ping_sent: Option<Instant>,
+    /// When the next ping is due.
+    pub next_ping: Instant,
+    /// Highest seq written to this socket; handed to the session once flushed.
+    pub written_upto: u64,
+    /// Written since the last flush.
+    pub dirty: bool,
+    /// In the loop's queue of connections that may have unread data.
+    pub queued_read: bool,
+    /// Accepted over the connection cap only to be told 503.
+    pub refusing: bool,
+}
+
+/// What reading the request head gave.
+pub enum HeadRead {
+    /// More is needed.
+    Partial,
+    /// A full head, and whatever followed it.
+    Complete(http::Request, Vec<u8>),
+    /// Not a request we can read.
+    Invalid(&'static str),
+    /// The client went away.
+    Gone,
+}
+
+/// What reading the WebSocket gave.
+pub enum WsRead {
+    /// A message (control messages included; tungstenite queues pongs and close replies).
+    Message(Message),
+    /// Nothing more to read now.
+    Idle,
+    /// The close handshake finished, or the peer went away after one.
+    Closed,
+    /// The peer broke the protocol: close with this code.
+    Fail(CloseCode, &'static str),
+    /// The socket failed or the peer vanished without a close frame.
+    Lost(String),
+}
+
+/// What a write or flush gave.
+pub enum WsWrite {
+    /// Done (or queued in tungstenite, to go at the next flush).
+    Ok,
+    /// The kernel takes no more now; wait for writable.
+    Pending,
+    /// The client keeps too much unread: close with 1008.
+    Full,
+    /// The close handshake finished.
+    Closed,
+    /// The socket failed.
+    Lost(String),
+}
+
+fn is_would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+impl Conn {
+    /// A connection that has just been accepted.
+    pub fn new(
+        id: ConnId,
+        peer: SocketAddr,
+        stream: TcpStream,
+        now: Instant,
+        deadline: Instant,
+    ) -> Conn {
+        Conn {
+            id,
+            peer,
+            phase: Phase::Handshake {
+                stream,
+                buf: Vec::new(),
+            },
+            kind: None,
+            deadline,
+            timer_at: None,
+            last_rx: now,
+            ping_sent: None,
+            next_ping: now,
+            written_upto: 0,
+            dirty: false,
+            queued_read: false,
+            refusing: false,
+        }
+    }
+
+    /// A connection refused before it was read: it only gets `answer`.
+    pub fn refused(
+        id: ConnId,
+        peer: SocketAddr,
+        stream: TcpStream,
+        now: Instant,
+        deadline: Instant,
+        answer: Vec<u8>,
+    ) -> Conn {
+        let mut conn = Conn::new(id, peer, stream, now, deadline);
+        conn.refusing = true;
+        conn.phase = match conn.phase {
+            Phase::Handshake { stream, .. } => Phase::Respond {
+                stream,
+                out: answer,
+                pos: 0,
+                upgrade: None,
+            },
+            other => other,
+        };
+        conn
+    }
+
+    /// The user this connection serves, for logs (`-` before the upgrade).
+    pub fn user(&self) -> &str {
+        match &self.kind {
+            Some(Kind::Chat { user, .. }) => user.as_str(),
+            Some(Kind::Echo) => "(echo)",
+            None => "-",
+        }
+    }
+
+    /// The chat user, if this is a chat connection.
+    pub fn chat_user(&self) -> Option<&UserId> {
+        match &self.kind {
+            Some(Kind::Chat { user, .. }) => Some(user),
+            _ => None,
+        }
+    }
+
+    /// The socket, for (de)registration.
+    pub fn stream_mut(&mut self) -> Option<&mut TcpStream> {
+        match &mut self.phase {
+            Phase::Handshake { stream, .. }
+            | Phase::Respond { stream, .. }
+            | Phase::Linger { stream, .. } => Some(stream),
+            Phase::Open(ws) | Phase::Closing(ws) => Some(ws.get_mut()),
+            Phase::Gone => None,
+        }
+    }
+
+    /// Whether the WebSocket is open for messages.
+    pub fn is_open(&self) -> bool {
+        matches!(self.phase, Phase::Open(_))
+    }
+
+    /// Reads the request head until it is complete, invalid or the socket would block.
+    pub fn read_head(&mut self) -> HeadRead {
+        let Phase::Handshake { stream, buf } = &mut self.phase else {
+            return HeadRead::Partial;
+        };
+        loop {
+            let start = buf.len();
+            let room = (MAX_HEAD_BYTES + 1).saturating_sub(start).min(1024);
+            if room == 0 {
+                return HeadRead::Invalid("request head too large");
+            }
+            buf.resize(start + room, 0);
+            let got = stream.read(&mut buf[start..]);
+            buf.truncate(start + *got.as_ref().unwrap_or(&0));
+            match got {
+                Ok(0) => return HeadRead::Gone,
+                Ok(_) => match http::parse_head(buf) {
+                    Head::Partial => continue,
+                    Head::Invalid(why) => return HeadRead::Invalid(why),
+                    Head::Complete(req, len) => return HeadRead::Complete(req, buf.split_off(len)),
+                },
+                Err(e) if is_would_block(&e) => return HeadRead::Partial,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return HeadRead::Gone,
+            }
+        }
+    }
+
+    /// Switches from reading the head to writing `answer`.
+    pub fn respond(
+        &mut self,
+        answer: Vec<u8>,
+        upgrade: Option<(Kind, Vec<u8>)>,
+        deadline: Instant,
+    ) {
+        let phase = std::mem::replace(&mut self.phase, Phase::Gone);
+        self.phase = match phase {
+            Phase::Handshake { stream, .. } => Phase::Respond {
+                stream,
+                out: answer,
+                pos: 0,
+                upgrade,
+            },
+            other => other,
+        };
+        self.deadline = deadline;
+    }
+
+    /// Writes the HTTP answer. `Ok(Some(..))` once an upgrade answer is out; `Ok(None)` while
+    /// more is to be written or the connection now lingers; `Err` when it is finished.
+    pub fn write_answer(
+        &mut self,
+        linger_deadline: Instant,
+    ) -> Result<Option<(Kind, Vec<u8>)>, String> {
+        let Phase::Respond {
+            stream, out, pos, ..
+        } = &mut self.phase
+        else {
+            return Ok(None);
+        };
+        while *pos < out.len() {
+            match stream.write(&out[*pos..]) {
+                Ok(0) => return Err("connection closed while answering".into()),
+                Ok(n) => *pos += n,
+                Err(e) if is_would_block(&e) => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        let phase = std::mem::replace(&mut self.phase, Phase::Gone);
+        match phase {
+            Phase::Respond {
+                stream,
+                upgrade: Some(up),
+                ..
+            } => {
+                self.phase = Phase::Handshake {
+                    stream,
+                    buf: Vec::new(),
+                };
+                Ok(Some(up))
+            }
+            Phase::Respond {
+                stream,
+                upgrade: None,
+                ..
+            } => {
+                let _ = stream.shutdown(Shutdown::Write);
+                self.phase = Phase::Linger {
+                    stream,
+                    discarded: 0,
+                };
+                self.deadline = linger_deadline;
+                Ok(None)
+            }
+            other => {
+                self.phase = other;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Drains a lingering socket; `true` once it is finished with.
+    pub fn drain_linger(&mut self) -> bool {
+        let Phase::Linger { stream, discarded } = &mut self.phase else {
+            return false;
+        };
+        let mut scratch = [0u8; 1024];
+        loop {
+            match stream.read(&mut scratch) {
+                Ok(0) => return true,
+                Ok(n) => {
+                    *discarded += n;
+                    if *discarded > LINGER_DISCARD_BYTES {
+                        return true;
+                    }
+                }
+                Err(e) if is_would_block(&e) => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return true,
+            }
+        }
+    }
+
+    /// Turns the connection into a WebSocket after the 101 answer went out.
+    pub fn upgrade(&mut self, kind: Kind, rest: Vec<u8>, config: WebSocketConfig) {
+        let phase = std::mem::replace(&mut self.phase, Phase::Gone);
+        self.phase = match phase {
+            Phase::Handshake { stream, .. } | Phase::Respond { stream, .. } => {
+                Phase::Open(Box::new(WebSocket::from_partially_read(
+                    stream,
+                    rest,
+                    Role::Server,
+                    Some(config),
+                )))
+            }
+            other => other,
+        };
+        self.kind = Some(kind);
+    }
+
+    /// Reads one message.
+    pub fn read_message(&mut self) -> WsRead {
+        let ws = match &mut self.phase {
+            Phase::Open(ws) | Phase::Closing(ws) => ws,
+            _ => return WsRead::Idle,
+        };
+        match ws.read() {
+            Ok(msg) => WsRead::Message(msg),
+            Err(WsError::Io(e)) if is_would_block(&e) => WsRead::Idle,
+            Err(WsError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => WsRead::Idle,
+            Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => WsRead::Closed,
+            Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
+                WsRead::Lost("closed without a close frame".into())
+            }
+            Err(WsError::Io(e)) => WsRead::Lost(e.to_string()),
+            Err(WsError::Capacity(CapacityError::MessageTooLong { .. })) => {
+                WsRead::Fail(CloseCode::Size, "message too big")
+            }
+            Err(WsError::Capacity(_)) => WsRead::Fail(CloseCode::Size, "frame too big"),
+            Err(WsError::Utf8(_)) => {
+                WsRead::Fail(CloseCode::Invalid, "invalid UTF-8 in a text message")
+            }
+            Err(WsError::Protocol(_)) => WsRead::Fail(CloseCode::Protocol, "protocol error"),
+            Err(e) => WsRead::Lost(e.to_string()),
+        }
+    }
+
+    /// Queues a message; it goes out at the next flush.
+    pub fn write(&mut self, msg: Message) -> WsWrite {
+        let Phase::Open(ws) = &mut self.phase else {
+            return WsWrite::Lost("not open".into());
+        };
+        self.dirty = true;
+        ws_result(ws.write(msg))
+    }
+
+    /// Queues a text frame.
+    pub fn write_text(&mut self, text: Utf8Bytes) -> WsWrite {
+        self.write(Message::Text(text))
+    }
+
+    /// Writes out everything queued.
+    pub fn flush(&mut self) -> WsWrite {
+        self.dirty = false;
+        match &mut self.phase {
+            Phase::Open(ws) | Phase::Closing(ws) => ws_result(ws.flush()),
+            _ => WsWrite::Ok,
+        }
+    }
+
+    /// Starts the close handshake with `code` (RFC 6455 §7.1.2); the connection is then
+    /// kept only until the client answers or `deadline`.
+    pub fn close(&mut self, code: CloseCode, reason: &str, deadline: Instant) -> WsWrite {
+        let phase = std::mem::replace(&mut self.phase, Phase::Gone);
+        let mut ws = match phase {
+            Phase::Open(ws) | Phase::Closing(ws) => ws,
+            other => {
+                self.phase = other;
+                return WsWrite::Closed;
+            }
+        };
+        // A slow consumer's buffer is full by definition; make room for the close frame so
+        // it still goes out behind the data the client has not read yet.
+        ws.set_config(|c| c.max_write_buffer_size = c.max_write_buffer_size.saturating_add(256));
+        let frame = CloseFrame {
+            code,
+            reason: Utf8Bytes::from(reason.to_string()),
+        };
+        let result = ws_result(ws.close(Some(frame)));
+        self.phase = Phase::Closing(ws);
+        self.deadline = deadline;
+        result
+    }
+
+    /// Sends a heartbeat ping.
+    pub fn ping(&mut self) -> WsWrite {
+        self.write(Message::Ping(tungstenite::Bytes::new()))
+    }
+}
+
+fn ws_result(r: tungstenite::Result<()>) -> WsWrite {
+    match r {
+        Ok(()) => WsWrite::Ok,
+        Err(WsError::Io(e)) if is_would_block(&e) => WsWrite::Pending,
+        Err(WsError::WriteBufferFull(_)) => WsWrite::Full,
+        Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => WsWrite::Closed,
+        Err(e) => WsWrite::Lost(e.to_string()),
+    }
+}

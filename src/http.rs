@@ -1,0 +1,344 @@
+//! The HTTP side of a connection: parse the request head, decide what it asks for
+//! (a chat upgrade, the raw echo, health, or a refusal), and build the responses.
+//! Pure functions over bytes; the connection code does the I/O.
+
+use crate::protocol::UserId;
+
+/// Largest request head accepted; a browser's upgrade request is well under 2 KiB.
+pub const MAX_HEAD_BYTES: usize = 8 * 1024;
+
+/// Headers parsed at most; more is a 400.
+const MAX_HEADERS: usize = 32;
+
+/// The parts of a request head the server looks at.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Request {
+    /// `GET`, `POST`, …
+    pub method: String,
+    /// The path without the query.
+    pub path: String,
+    /// The raw query, without `?`.
+    pub query: String,
+    /// `Upgrade: websocket` was present.
+    pub upgrade_websocket: bool,
+    /// `Connection` listed `upgrade`.
+    pub connection_upgrade: bool,
+    /// `Sec-WebSocket-Key`.
+    pub ws_key: Option<String>,
+    /// `Sec-WebSocket-Version`.
+    pub ws_version: Option<String>,
+}
+
+/// Result of looking at the bytes received so far.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Head {
+    /// More bytes are needed.
+    Partial,
+    /// A complete head of `len` bytes; anything after it is WebSocket data.
+    Complete(Request, usize),
+    /// Not HTTP, or too large.
+    Invalid(&'static str),
+}
+
+/// Parses the request head in `buf`.
+pub fn parse_head(buf: &[u8]) -> Head {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => {
+            Head::Invalid("request head too large")
+        }
+        Ok(httparse::Status::Partial) => Head::Partial,
+        Ok(httparse::Status::Complete(len)) => {
+            let target = req.path.unwrap_or("/");
+            let (path, query) = target.split_once('?').unwrap_or((target, ""));
+            let mut out = Request {
+                method: req.method.unwrap_or("").to_string(),
+                path: path.to_string(),
+                query: query.to_string(),
+                ..Request::default()
+            };
+            for h in req.headers.iter() {
+                let value = String::from_utf8_lossy(h.value);
+                let value = value.trim();
+                if h.name.eq_ignore_ascii_case("upgrade") {
+                    out.upgrade_websocket |= value.eq_ignore_ascii_case("websocket");
+                } else if h.name.eq_ignore_ascii_case("connection") {
+                    out.connection_upgrade |= value
+                        .split(',')
+                        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+                } else if h.name.eq_ignore_ascii_case("sec-websocket-key") {
+                    out.ws_key = Some(value.to_string());
+                } else if h.name.eq_ignore_ascii_case("sec-websocket-version") {
+                    out.ws_version = Some(value.to_string());
+                }
+            }
+            Head::Complete(out, len)
+        }
+        Err(httparse::Error::TooManyHeaders) => Head::Invalid("too many headers"),
+        Err(_) => Head::Invalid("malformed request"),
+    }
+}
+
+/// What a request is routed to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    /// A chat session.
+    Chat {
+        /// Whose session.
+        user: UserId,
+        /// `?since=N`: the client has every frame up to N.
+        since: Option<u64>,
+    },
+    /// The raw echo endpoint.
+    Echo,
+    /// `GET /health`.
+    Health,
+    /// Refused with this status and reason (the reason becomes the body and the log line).
+    Refuse(u16, String),
+}
+
+/// Decides what `req` gets. `api_key` is `--api-key`; `raw_echo` whether `/echo` is served.
+pub fn route(req: &Request, api_key: Option<&str>, raw_echo: bool) -> Route {
+    if req.method != "GET" {
+        return Route::Refuse(405, format!("method {} not allowed", req.method));
+    }
+    let user = if req.path == "/ws" || req.path == "/ws/" {
+        Some(UserId::default_user())
+    } else if let Some(raw) = req.path.strip_prefix("/ws/") {
+        match percent_decode(raw).as_deref().and_then(UserId::parse) {
+            Some(u) => Some(u),
+            None => {
+                return Route::Refuse(
+                    400,
+                    "invalid user id: 1-64 characters of A-Z a-z 0-9 _ . @ -".into(),
+                );
+            }
+        }
+    } else {
+        None
+    };
+    let wants_ws = user.is_some() || (raw_echo && req.path == "/echo");
+    if !wants_ws {
+        return match req.path.as_str() {
+            "/health" => Route::Health,
+            _ => Route::Refuse(404, format!("no such endpoint {}", req.path)),
+        };
+    }
+    if !req.upgrade_websocket || !req.connection_upgrade {
+        return Route::Refuse(400, "expected a WebSocket upgrade".into());
+    }
+    if req.ws_version.as_deref() != Some("13") {
+        // RFC 6455 §4.4: answer with the versions we speak.
+        return Route::Refuse(
+            426,
+            "unsupported Sec-WebSocket-Version (this server speaks 13)".into(),
+        );
+    }
+    if !req.ws_key.as_deref().is_some_and(valid_key) {
+        return Route::Refuse(400, "missing or malformed Sec-WebSocket-Key".into());
+    }
+    let Some(user) = user else {
+        return Route::Echo;
+    };
+    let mut token = None;
+    let mut since = None;
+    for pair in req.query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let Some(v) = percent_decode(v) else {
+            return Route::Refuse(400, "malformed query".into());
+        };
+        match k {
+            "token" => token = Some(v),
+            "since" => match v.parse::<u64>() {
+                Ok(n) => since = Some(n),
+                Err(_) => return Route::Refuse(400, "since must be a whole number".into()),
+            },
+            _ => {}
+        }
+    }
+    if let Some(key) = api_key
+        && !token
+            .as_deref()
+            .is_some_and(|t| constant_time_eq(t.as_bytes(), key.as_bytes()))
+        {
+            return Route::Refuse(403, "missing or wrong token".into());
+        }
+    Route::Chat { user, since }
+}
+
+/// RFC 6455 §4.1: the key is 16 random bytes in base64, so 24 characters ending in `==`.
+fn valid_key(key: &str) -> bool {
+    key.len() == 24
+        && key.ends_with("==")
+        && key[..22]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+}
+
+/// Decodes `%XX` escapes; `None` for a bad escape or a result that is not UTF-8.
+pub fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Compares without stopping at the first difference, so the time taken does not tell an
+/// attacker how much of a guessed key was right (only its length).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The `101 Switching Protocols` answer to a valid upgrade.
+pub fn upgrade_response(key: &str) -> Vec<u8> {
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").into_bytes()
+}
+
+/// A complete response that ends the connection.
+pub fn response(status: u16, content_type: &str, body: &str) -> Vec<u8> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        426 => "Upgrade Required",
+        503 => "Service Unavailable",
+        _ => "Error",
+    };
+    let extra = match status {
+        405 => "Allow: GET\r\n",
+        426 => "Sec-WebSocket-Version: 13\r\n",
+        _ => "",
+    };
+    format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// A refusal with a one-line plain-text body.
+pub fn refusal(status: u16, why: &str) -> Vec<u8> {
+    response(status, "text/plain; charset=utf-8", &format!("{why}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    fn upgrade(path: &str) -> Request {
+        let raw = format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        match parse_head(raw.as_bytes()) {
+            Head::Complete(r, len) => {
+                assert_eq!(len, raw.len());
+                r
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn heads() {
+        assert_eq!(parse_head(b"GET / HTTP/1.1\r\nHost:"), Head::Partial);
+        assert!(matches!(
+            parse_head(b"\x16\x03\x01garbage\r\n\r\n"),
+            Head::Invalid(_)
+        ));
+        let big = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(MAX_HEAD_BYTES));
+        assert!(matches!(parse_head(big.as_bytes()), Head::Invalid(_)));
+    }
+
+    #[test]
+    fn routes() {
+        assert_eq!(
+            route(&upgrade("/ws"), None, false),
+            Route::Chat {
+                user: UserId::default_user(),
+                since: None
+            }
+        );
+        assert_eq!(
+            route(&upgrade("/ws/al%40ice?since=5&x=1"), None, false),
+            Route::Chat {
+                user: UserId::parse("al@ice").unwrap(),
+                since: Some(5)
+            }
+        );
+        assert!(matches!(
+            route(&upgrade("/ws/a%20b"), None, false),
+            Route::Refuse(400, _)
+        ));
+        assert!(matches!(
+            route(&upgrade("/ws/a?since=x"), None, false),
+            Route::Refuse(400, _)
+        ));
+        assert!(matches!(
+            route(&upgrade("/ws/%zz"), None, false),
+            Route::Refuse(400, _)
+        ));
+        assert!(matches!(
+            route(&upgrade("/echo"), None, false),
+            Route::Refuse(404, _)
+        ));
+        assert_eq!(route(&upgrade("/echo"), Some("k"), true), Route::Echo);
+        assert!(matches!(
+            route(&upgrade("/nope"), None, true),
+            Route::Refuse(404, _)
+        ));
+        let mut post = upgrade("/ws");
+        post.method = "POST".into();
+        assert!(matches!(route(&post, None, false), Route::Refuse(405, _)));
+        let mut plain = upgrade("/health");
+        plain.upgrade_websocket = false;
+        assert_eq!(route(&plain, None, false), Route::Health);
+        let mut old = upgrade("/ws");
+        old.ws_version = Some("8".into());
+        assert!(matches!(route(&old, None, false), Route::Refuse(426, _)));
+    }
+
+    #[test]
+    fn api_key() {
+        assert!(matches!(
+            route(&upgrade("/ws"), Some("s3cret"), false),
+            Route::Refuse(403, _)
+        ));
+        assert!(matches!(
+            route(&upgrade("/ws?token=nope"), Some("s3cret"), false),
+            Route::Refuse(403, _)
+        ));
+        assert!(matches!(
+            route(&upgrade("/ws/bob?token=s3cret"), Some("s3cret"), false),
+            Route::Chat { .. }
+        ));
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn upgrade_accept_key_is_rfc_6455_example() {
+        let r = String::from_utf8(upgrade_response(KEY)).unwrap();
+        assert!(r.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+    }
+}

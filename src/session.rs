@@ -1,0 +1,663 @@
+//! A user's session: who is attached, the conversation, the frames held for delivery and
+//! replay, the running turn and the queued ones. Plain data and functions, no I/O: the
+//! event loop calls in with the time and writes whatever comes out, so every rule of
+//! PROTOCOL.md about who gets which frame is unit-tested here without a socket.
+
+use crate::agent::{AgentError, CancelToken, HistoryEntry, Turn, Who};
+use crate::protocol::{ClientMessage, ErrorName, Held, UserId, encode_held, encode_token};
+use log::warn;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+use tungstenite::Utf8Bytes;
+
+/// Names a connection from outside the event loop. Slab slots are reused, so the
+/// generation tells a reference to an old occupant from one to the current.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnId {
+    /// The slab slot (also the mio token).
+    pub slot: usize,
+    /// Unique for the server's life.
+    pub generation: u64,
+}
+
+/// The session bounds from the configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Turns of history kept (each is a user line and a reply line).
+    pub history_turns: usize,
+    /// Frames with a seq kept for delivery and replay.
+    pub max_held_frames: usize,
+    /// Turns that may wait behind the running one.
+    pub max_queued_turns: usize,
+    /// Longest a turn may run.
+    pub turn_timeout: Duration,
+}
+
+/// The time, passed in so the logic never reads a clock.
+#[derive(Clone, Copy, Debug)]
+pub struct Now {
+    /// For deadlines.
+    pub mono: Instant,
+    /// Unix seconds, for the `when` of a chat frame.
+    pub unix: f64,
+}
+
+/// A frame for the attached socket.
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    /// The frame's seq; `None` for `chat_token` previews, which are never held.
+    pub seq: Option<u64>,
+    /// The encoded JSON.
+    pub text: Utf8Bytes,
+}
+
+/// A frame kept for delivery and replay.
+#[derive(Clone, Debug)]
+struct HeldFrame {
+    seq: u64,
+    text: Utf8Bytes,
+}
+
+/// What became of a client message id the session has seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IdState {
+    /// Queued or running.
+    Pending,
+    /// Answered by the frame with this seq.
+    Answered(u64),
+}
+
+/// The turn being answered.
+#[derive(Debug)]
+struct Running {
+    turn_id: u64,
+    msg_id: Option<String>,
+    input: String,
+    deadline: Instant,
+    cancel: CancelToken,
+}
+
+/// What [`Session::accept`] did with a message.
+#[derive(Debug)]
+pub enum Accepted {
+    /// Queued; call [`Session::start_next`] if nothing is running.
+    Queued,
+    /// A resend of a message that is still queued or running: nothing to do.
+    StillRunning,
+    /// A resend of an answered message: here is the reply again.
+    Resend(Outgoing),
+    /// Refused: this `Busy` error goes to the client.
+    Busy(Outgoing),
+    /// A resend of an answered message whose reply is no longer held: this error says so.
+    ReplyGone(Outgoing),
+}
+
+/// One user's conversation, which outlives any socket.
+#[derive(Debug)]
+pub struct Session {
+    user: UserId,
+    conn: Option<ConnId>,
+    history: VecDeque<HistoryEntry>,
+    held: VecDeque<HeldFrame>,
+    next_seq: u64,
+    /// Every frame with a seq up to this one reached the kernel of some socket.
+    handed_upto: u64,
+    running: Option<Running>,
+    queue: VecDeque<ClientMessage>,
+    ids: VecDeque<(String, IdState)>,
+    idle_since: Instant,
+}
+
+impl Session {
+    /// A new, empty session.
+    pub fn new(user: UserId, now: Instant) -> Session {
+        Session {
+            user,
+            conn: None,
+            history: VecDeque::new(),
+            held: VecDeque::new(),
+            next_seq: 1,
+            handed_upto: 0,
+            running: None,
+            queue: VecDeque::new(),
+            ids: VecDeque::new(),
+            idle_since: now,
+        }
+    }
+
+    /// The session's user.
+    pub fn user(&self) -> &UserId {
+        &self.user
+    }
+
+    /// The attached connection.
+    pub fn conn(&self) -> Option<ConnId> {
+        self.conn
+    }
+
+    /// Attaches `conn` and returns the connection it replaces, if any, and the frames to
+    /// send it first: with `since`, every held frame after it; without, every held frame no
+    /// socket has been handed yet. A `ResumeGap` error comes first when some of those
+    /// frames are no longer held.
+    pub fn attach(
+        &mut self,
+        conn: ConnId,
+        since: Option<u64>,
+        limits: &Limits,
+        now: Now,
+    ) -> (Option<ConnId>, Vec<Outgoing>) {
+        let replaced = self.conn.replace(conn).filter(|old| *old != conn);
+        let last = self.next_seq - 1;
+        let from = since.unwrap_or(self.handed_upto);
+        let mut replay: Vec<Outgoing> = self
+            .held
+            .iter()
+            .filter(|f| f.seq > from)
+            .map(|f| Outgoing {
+                seq: Some(f.seq),
+                text: f.text.clone(),
+            })
+            .collect();
+        let oldest = self.held.front().map_or(self.next_seq, |f| f.seq);
+        let gap = if from > last {
+            // The client saw seqs this session never issued: the server restarted or the
+            // session expired. Carry on numbering above what the client has.
+            self.next_seq = from + 1;
+            Some(format!(
+                "frames after seq {from} are not held: the session was restarted or expired"
+            ))
+        } else if from + 1 < oldest {
+            Some(format!(
+                "frames {} to {} are no longer held",
+                from + 1,
+                oldest - 1
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = gap {
+            warn!("user={} resume gap: {why}", self.user);
+            let frame = self.push(Held::Error(ErrorName::ResumeGap, why), None, limits, now);
+            replay.insert(0, frame);
+        }
+        (replaced, replay)
+    }
+
+    /// Detaches `conn` if it is the attached one (a replaced connection is not).
+    pub fn detach(&mut self, conn: ConnId, now: Instant) -> bool {
+        if self.conn == Some(conn) {
+            self.conn = None;
+            self.idle_since = now;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Records that every frame up to `seq` reached the kernel of the attached socket.
+    pub fn mark_handed(&mut self, seq: u64) {
+        self.handed_upto = self.handed_upto.max(seq);
+    }
+
+    /// Holds a new frame, evicting the oldest past the bound, and returns it for sending.
+    pub fn push(
+        &mut self,
+        frame: Held,
+        reply_to: Option<&str>,
+        limits: &Limits,
+        now: Now,
+    ) -> Outgoing {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let text = Utf8Bytes::from(encode_held(&frame, &self.user, seq, reply_to, now.unix));
+        self.held.push_back(HeldFrame {
+            seq,
+            text: text.clone(),
+        });
+        while self.held.len() > limits.max_held_frames.max(1) {
+            if let Some(old) = self.held.pop_front()
+                && old.seq > self.handed_upto {
+                    warn!(
+                        "user={} held frames full: dropping undelivered frame seq={}",
+                        self.user, old.seq
+                    );
+                }
+        }
+        Outgoing {
+            seq: Some(seq),
+            text,
+        }
+    }
+
+    /// Takes a client message: queues it, or says why not.
+    pub fn accept(&mut self, msg: ClientMessage, limits: &Limits, now: Now) -> Accepted {
+        if let Some(id) = &msg.id
+            && let Some((_, state)) = self.ids.iter().find(|(seen, _)| seen == id) {
+                return match *state {
+                    IdState::Pending => Accepted::StillRunning,
+                    IdState::Answered(seq) => match self.held.iter().find(|f| f.seq == seq) {
+                        Some(f) => Accepted::Resend(Outgoing {
+                            seq: Some(f.seq),
+                            text: f.text.clone(),
+                        }),
+                        None => {
+                            let why =
+                                format!("the reply to message {id} (seq {seq}) is no longer held");
+                            let id = id.clone();
+                            Accepted::ReplyGone(self.push(
+                                Held::Error(ErrorName::ResumeGap, why),
+                                Some(&id),
+                                limits,
+                                now,
+                            ))
+                        }
+                    },
+                };
+            }
+        if self.running.is_some() && self.queue.len() >= limits.max_queued_turns {
+            let why = format!(
+                "{} turns are already waiting; try again when they are answered",
+                self.queue.len()
+            );
+            let id = msg.id.clone();
+            return Accepted::Busy(self.push(
+                Held::Error(ErrorName::Busy, why),
+                id.as_deref(),
+                limits,
+                now,
+            ));
+        }
+        if let Some(id) = &msg.id {
+            self.ids.push_back((id.clone(), IdState::Pending));
+            // Ids of answered messages are only useful while their replies are held.
+            let cap = limits.max_held_frames + limits.max_queued_turns + 1;
+            while self.ids.len() > cap {
+                match self.ids.iter().position(|(_, s)| *s != IdState::Pending) {
+                    Some(i) => drop(self.ids.remove(i)),
+                    None => break,
+                }
+            }
+        }
+        self.queue.push_back(msg);
+        Accepted::Queued
+    }
+
+    /// Starts the next queued turn if none is running; returns what the agent needs.
+    pub fn start_next(
+        &mut self,
+        turn_id: u64,
+        limits: &Limits,
+        now: Now,
+    ) -> Option<(Turn, CancelToken)> {
+        if self.running.is_some() {
+            return None;
+        }
+        let msg = self.queue.pop_front()?;
+        let cancel = CancelToken::new();
+        self.running = Some(Running {
+            turn_id,
+            msg_id: msg.id.clone(),
+            input: msg.text.clone(),
+            deadline: now.mono + limits.turn_timeout,
+            cancel: cancel.clone(),
+        });
+        let turn = Turn {
+            user: self.user.clone(),
+            text: msg.text,
+            fields: msg.fields,
+            history: self.history.iter().cloned().collect(),
+        };
+        Some((turn, cancel))
+    }
+
+    /// The running turn's id and deadline.
+    pub fn running(&self) -> Option<(u64, Instant)> {
+        self.running.as_ref().map(|r| (r.turn_id, r.deadline))
+    }
+
+    /// A preview token of the running turn; `None` if the turn is not running any more.
+    pub fn token(&self, turn_id: u64, text: &str) -> Option<Outgoing> {
+        let running = self.running.as_ref().filter(|r| r.turn_id == turn_id)?;
+        let _ = running;
+        Some(Outgoing {
+            seq: None,
+            text: Utf8Bytes::from(encode_token(text)),
+        })
+    }
+
+    /// A notification of the running turn, held like any frame with a seq.
+    pub fn notification(
+        &mut self,
+        turn_id: u64,
+        text: String,
+        limits: &Limits,
+        now: Now,
+    ) -> Option<Outgoing> {
+        let reply_to = self
+            .running
+            .as_ref()
+            .filter(|r| r.turn_id == turn_id)?
+            .msg_id
+            .clone();
+        Some(self.push(Held::Notification(text), reply_to.as_deref(), limits, now))
+    }
+
+    /// Ends the running turn with the agent's outcome; `None` if it already ended (timeout).
+    pub fn finish(
+        &mut self,
+        turn_id: u64,
+        outcome: Result<String, AgentError>,
+        limits: &Limits,
+        now: Now,
+    ) -> Option<Outgoing> {
+        if self.running.as_ref().is_none_or(|r| r.turn_id != turn_id) {
+            return None;
+        }
+        let running = self.running.take()?;
+        let frame = match outcome {
+            Ok(text) => {
+                self.remember(Who::Human, running.input.clone(), limits);
+                self.remember(Who::Ai, text.clone(), limits);
+                Held::Chat {
+                    text,
+                    input: running.input,
+                }
+            }
+            Err(AgentError::Failed(why)) => Held::Error(ErrorName::AgentError, why),
+            Err(AgentError::Cancelled) => {
+                Held::Error(ErrorName::AgentError, "the turn was cancelled".into())
+            }
+        };
+        Some(self.close_turn(running.msg_id, frame, limits, now))
+    }
+
+    /// Ends the running turn with `Timeout` if its deadline has passed.
+    pub fn check_timeout(&mut self, limits: &Limits, now: Now) -> Option<Outgoing> {
+        if self.running.as_ref().is_none_or(|r| r.deadline > now.mono) {
+            return None;
+        }
+        let running = self.running.take()?;
+        running.cancel.cancel();
+        let why = format!("no answer within {} s", limits.turn_timeout.as_secs());
+        Some(self.close_turn(
+            running.msg_id,
+            Held::Error(ErrorName::Timeout, why),
+            limits,
+            now,
+        ))
+    }
+
+    /// Cancels the running turn and forgets the queued ones (shutdown).
+    pub fn cancel_all(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.cancel.cancel();
+        }
+        self.queue.clear();
+    }
+
+    /// A session with no socket and no work, and since when.
+    pub fn idle_since(&self) -> Option<Instant> {
+        (self.conn.is_none() && self.running.is_none() && self.queue.is_empty())
+            .then_some(self.idle_since)
+    }
+
+    /// Held frames no socket was handed.
+    pub fn undelivered(&self) -> usize {
+        self.held
+            .iter()
+            .filter(|f| f.seq > self.handed_upto)
+            .count()
+    }
+
+    fn close_turn(
+        &mut self,
+        msg_id: Option<String>,
+        frame: Held,
+        limits: &Limits,
+        now: Now,
+    ) -> Outgoing {
+        let out = self.push(frame, msg_id.as_deref(), limits, now);
+        if let (Some(id), Some(seq)) = (msg_id, out.seq)
+            && let Some(entry) = self.ids.iter_mut().find(|(seen, _)| *seen == id) {
+                entry.1 = IdState::Answered(seq);
+            }
+        self.idle_since = now.mono;
+        out
+    }
+
+    fn remember(&mut self, who: Who, text: String, limits: &Limits) {
+        self.history.push_back(HistoryEntry { who, text });
+        while self.history.len() > limits.history_turns * 2 {
+            self.history.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Map, Value};
+
+    const LIMITS: Limits = Limits {
+        history_turns: 2,
+        max_held_frames: 4,
+        max_queued_turns: 1,
+        turn_timeout: Duration::from_secs(5),
+    };
+
+    fn now(t0: Instant, secs: u64) -> Now {
+        Now {
+            mono: t0 + Duration::from_secs(secs),
+            unix: 1000.0 + secs as f64,
+        }
+    }
+
+    fn msg(text: &str, id: Option<&str>) -> ClientMessage {
+        ClientMessage {
+            text: text.into(),
+            id: id.map(String::from),
+            fields: Map::new(),
+        }
+    }
+
+    fn json(o: &Outgoing) -> Value {
+        serde_json::from_str(o.text.as_str()).unwrap()
+    }
+
+    fn conn(slot: usize, generation: u64) -> ConnId {
+        ConnId { slot, generation }
+    }
+
+    /// Runs one message to completion with the echo reply.
+    fn answer(s: &mut Session, text: &str, id: Option<&str>, turn_id: u64, t: Now) -> Outgoing {
+        assert!(matches!(
+            s.accept(msg(text, id), &LIMITS, t),
+            Accepted::Queued
+        ));
+        s.start_next(turn_id, &LIMITS, t).unwrap();
+        s.finish(turn_id, Ok(text.to_uppercase()), &LIMITS, t)
+            .unwrap()
+    }
+
+    #[test]
+    fn replies_while_away_are_delivered_on_the_next_socket() {
+        let t0 = Instant::now();
+        let mut s = Session::new(UserId::default_user(), t0);
+        assert!(s.attach(conn(0, 1), None, &LIMITS, now(t0, 0)).1.is_empty());
+        assert!(matches!(
+            s.accept(msg("hi", Some("c-1")), &LIMITS, now(t0, 0)),
+            Accepted::Queued
+        ));
+        let (turn, _) = s.start_next(7, &LIMITS, now(t0, 0)).unwrap();
+        assert_eq!(turn.text, "hi");
+        assert!(s.detach(conn(0, 1), t0));
+        let reply = s.finish(7, Ok("HI".into()), &LIMITS, now(t0, 1)).unwrap();
+        assert_eq!(reply.seq, Some(1));
+        // A connection in the same slot but a later generation is a different socket.
+        let (replaced, frames) = s.attach(conn(0, 2), None, &LIMITS, now(t0, 2));
+        assert_eq!(replaced, None);
+        assert_eq!(frames.len(), 1);
+        let v = json(&frames[0]);
+        assert_eq!(
+            (
+                v["type"].as_str(),
+                v["text"].as_str(),
+                v["reply_to"].as_str()
+            ),
+            (Some("chat"), Some("HI"), Some("c-1"))
+        );
+        // Once handed, a plain reconnect gets nothing again.
+        s.mark_handed(1);
+        assert!(s.attach(conn(1, 3), None, &LIMITS, now(t0, 3)).1.is_empty());
+    }
+
+    #[test]
+    fn a_new_connection_replaces_the_old_one() {
+        let t0 = Instant::now();
+        let mut s = Session::new(UserId::default_user(), t0);
+        s.attach(conn(0, 1), None, &LIMITS, now(t0, 0));
+        let (replaced, _) = s.attach(conn(1, 2), None, &LIMITS, now(t0, 0));
+        assert_eq!(replaced, Some(conn(0, 1)));
+        // The replaced connection's later hang-up must not detach the new one.
+        assert!(!s.detach(conn(0, 1), t0));
+        assert_eq!(s.conn(), Some(conn(1, 2)));
+    }
+
+    #[test]
+    fn since_replays_in_order_and_reports_gaps() {
+        let t0 = Instant::now();
+        let mut s = Session::new(UserId::default_user(), t0);
+        for i in 0..6 {
+            answer(&mut s, &format!("m{i}"), None, i, now(t0, 0));
+        }
+        s.mark_handed(6);
+        // Seqs 3..=6 are held (bound 4).
+        let (_, frames) = s.attach(conn(0, 1), Some(4), &LIMITS, now(t0, 1));
+        assert_eq!(
+            frames.iter().map(|f| f.seq.unwrap()).collect::<Vec<_>>(),
+            [5, 6]
+        );
+        let (_, frames) = s.attach(conn(0, 2), Some(1), &LIMITS, now(t0, 1));
+        let v = json(&frames[0]);
+        assert_eq!(v["name"], "ResumeGap");
+        assert_eq!(v["seq"], 7);
+        assert_eq!(
+            frames[1..]
+                .iter()
+                .map(|f| f.seq.unwrap())
+                .collect::<Vec<_>>(),
+            [3, 4, 5, 6]
+        );
+    }
+
+    #[test]
+    fn since_beyond_the_session_continues_numbering_above_it() {
+        let t0 = Instant::now();
+        let mut s = Session::new(UserId::default_user(), t0);
+        let (_, frames) = s.attach(conn(0, 1), Some(40), &LIMITS, now(t0, 0));
+        assert_eq!(json(&frames[0])["name"], "ResumeGap");
+        assert_eq!(frames[0].seq, Some(41));
+        assert_eq!(answer(&mut s, "x", None, 1, now(t0, 0)).seq, Some(42));
+    }
+
+    #[test]
+    fn a_resent_id_runs_once() {
+        let t0 = Instant::now();
+        let mut s = Session::new(UserId::default_user(), t0);
+        let t = now(t0, 0);
+        assert!(matches!(
+            s.accept(msg("a", Some("x")), &LIMITS, t),
+            Accepted::Queued
+        ));
+        s.start_next(1, &LIMITS, t).unwrap();
+        assert!(matches!(
+            s.accept(msg("a", Some("x")), &LIMITS, t),
+            Accepted::StillRunning
+        ));
+        let reply = s.finish(1, Ok("A".into()), &LIMITS, t).unwrap();
+        match s.accept(msg("a", Some("x")), &LIMITS, t) {
+            Accepted::Resend(again) => assert_eq!(again.text, reply.text),
+            other => panic!("{other:?}"),
+        }
+        assert!(s.start_next(2, &LIMITS, t).is_none(), "nothing was queued");
+        // Push the reply out of the held frames: the resend now gets a ResumeGap.
+        for i in 0..4 {
+            answer(&mut s, "b", None, 10 + i, t);
+        }
+        match s.accept(msg("a", Some("x")), &LIMITS, t) {
+            Accepted::ReplyGone(err) => assert_eq!(json(&err)["reply_to"], "x"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn queue_bound_answers_busy_and_does_not_record_the_id() {
+        let t0 = Instant::now();
+        let mut s = Session::new(UserId::default_user(), t0);
+        let t = now(t0, 0);
+        s.accept(msg("1", None), &LIMITS, t);
+        s.start_next(1, &LIMITS, t).unwrap();
+        assert!(matches!(
+            s.accept(msg("2", None), &LIMITS, t),
+            Accepted::Queued
+        ));
+        match s.accept(msg("3", Some("z")), &LIMITS, t) {
+            Accepted::Busy(err) => assert_eq!(json(&err)["name"], "Busy"),
+            other => panic!("{other:?}"),
+        }
+        s.finish(1, Ok("1".into()), &LIMITS, t);
+        let (turn, _) = s.start_next(2, &LIMITS, t).unwrap();
+        assert_eq!(turn.text, "2");
+        assert!(
+            matches!(s.accept(msg("3", Some("z")), &LIMITS, t), Accepted::Queued),
+            "a refused id may be sent again"
+        );
+    }
+
+    #[test]
+    fn timeout_ends_the_turn_and_drops_its_late_result() {
+        let t0 = Instant::now();
+        let mut s = Session::new(UserId::default_user(), t0);
+        s.accept(msg("slow", Some("q")), &LIMITS, now(t0, 0));
+        let (_, cancel) = s.start_next(1, &LIMITS, now(t0, 0)).unwrap();
+        assert!(s.check_timeout(&LIMITS, now(t0, 4)).is_none());
+        let err = s.check_timeout(&LIMITS, now(t0, 5)).unwrap();
+        assert_eq!(json(&err)["name"], "Timeout");
+        assert!(cancel.is_cancelled());
+        assert!(s.token(1, "late").is_none());
+        assert!(
+            s.finish(1, Ok("late".into()), &LIMITS, now(t0, 6))
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn history_is_bounded_and_handed_to_the_agent() {
+        let t0 = Instant::now();
+        let mut s = Session::new(UserId::default_user(), t0);
+        for i in 0..3 {
+            answer(&mut s, &format!("m{i}"), None, i, now(t0, 0));
+        }
+        s.accept(msg("next", None), &LIMITS, now(t0, 0));
+        let (turn, _) = s.start_next(9, &LIMITS, now(t0, 0)).unwrap();
+        let lines: Vec<&str> = turn.history.iter().map(|h| h.text.as_str()).collect();
+        assert_eq!(lines, ["m1", "M1", "m2", "M2"]);
+        assert_eq!(turn.history[0].who, Who::Human);
+    }
+
+    #[test]
+    fn idle_only_without_socket_or_work() {
+        let t0 = Instant::now();
+        let mut s = Session::new(UserId::default_user(), t0);
+        assert!(s.idle_since().is_some());
+        s.attach(conn(0, 1), None, &LIMITS, now(t0, 0));
+        assert!(s.idle_since().is_none());
+        s.accept(msg("x", None), &LIMITS, now(t0, 0));
+        s.start_next(1, &LIMITS, now(t0, 0));
+        s.detach(conn(0, 1), t0 + Duration::from_secs(1));
+        assert!(s.idle_since().is_none(), "a running turn keeps the session");
+        s.finish(1, Ok("x".into()), &LIMITS, now(t0, 2));
+        assert_eq!(s.idle_since(), Some(t0 + Duration::from_secs(2)));
+        assert_eq!(s.undelivered(), 1);
+    }
+}

@@ -1,0 +1,194 @@
+//! The worker pool that runs agent turns off the event loop, and the path their results
+//! take back: a channel plus one `mio::Waker`, woken once per batch rather than per item.
+
+use crate::agent::{Agent, AgentError, CancelToken, Stream, Turn, TurnOutput};
+use crate::protocol::UserId;
+use log::{error, warn};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// Names one turn of one session. The id is unique for the server's life, so a result for a
+/// turn that timed out, or for a session that was dropped and made again, is recognised as
+/// stale and dropped.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TurnKey {
+    /// The session the turn belongs to.
+    pub user: UserId,
+    /// Unique turn number.
+    pub turn_id: u64,
+}
+
+/// What comes back from a worker for a turn.
+#[derive(Debug)]
+pub enum TurnEvent {
+    /// A preview or notification.
+    Stream(Stream),
+    /// The end of the turn: the reply, or why there is none.
+    Done(Result<String, AgentError>),
+}
+
+/// A turn handed to the pool.
+pub struct Job {
+    /// Where the results go.
+    pub key: TurnKey,
+    /// What to answer.
+    pub turn: Turn,
+    /// Set by the loop on timeout or shutdown.
+    pub cancel: CancelToken,
+}
+
+/// Wakes the event loop when results are waiting, coalescing wakes so a fast stream of
+/// tokens costs one `eventfd` write per loop iteration, not one per token.
+#[derive(Clone)]
+pub struct Notifier {
+    waker: Arc<mio::Waker>,
+    pending: Arc<AtomicBool>,
+}
+
+impl Notifier {
+    /// Wraps the loop's one waker.
+    pub fn new(waker: Arc<mio::Waker>) -> Notifier {
+        Notifier {
+            waker,
+            pending: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Wakes the loop unless a wake is already pending.
+    pub fn wake(&self) {
+        if !self.pending.swap(true, Ordering::AcqRel)
+            && let Err(e) = self.waker.wake() {
+                error!("cannot wake the event loop: {e}");
+            }
+    }
+
+    /// Called by the loop before it drains results, so a result sent during the drain wakes
+    /// it again.
+    pub fn clear(&self) {
+        self.pending.store(false, Ordering::Release);
+    }
+}
+
+/// A fixed set of threads running turns from one queue.
+pub struct Pool {
+    jobs: Option<Sender<Job>>,
+    results: Receiver<(TurnKey, TurnEvent)>,
+    notifier: Notifier,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Stack for worker threads: agents that parse HTTP or JSON need some, but 2 MiB each is
+/// wasted address space on a 32-bit board.
+const WORKER_STACK_BYTES: usize = 256 * 1024;
+
+impl Pool {
+    /// Starts `workers` threads running `agent`.
+    pub fn start(
+        workers: usize,
+        agent: Arc<dyn Agent>,
+        notifier: Notifier,
+    ) -> std::io::Result<Pool> {
+        let (job_tx, job_rx) = channel::<Job>();
+        let (res_tx, res_rx) = channel();
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let mut threads = Vec::with_capacity(workers);
+        for i in 0..workers.max(1) {
+            let job_rx = Arc::clone(&job_rx);
+            let res_tx = res_tx.clone();
+            let agent = Arc::clone(&agent);
+            let notifier = notifier.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("straycat-worker-{i}"))
+                .stack_size(WORKER_STACK_BYTES)
+                .spawn(move || worker(job_rx, res_tx, agent, notifier))?;
+            threads.push(t);
+        }
+        Ok(Pool {
+            jobs: Some(job_tx),
+            results: res_rx,
+            notifier,
+            threads,
+        })
+    }
+
+    /// Queues a turn; `false` if the pool is closed or every worker is gone (which
+    /// `worker`'s panic guard prevents).
+    pub fn submit(&self, job: Job) -> bool {
+        self.jobs.as_ref().is_some_and(|tx| tx.send(job).is_ok())
+    }
+
+    /// The next waiting result, if any; the loop calls `Notifier::clear` first.
+    pub fn try_result(&self) -> Option<(TurnKey, TurnEvent)> {
+        self.results.try_recv().ok()
+    }
+
+    /// The notifier whose wakes mean "results are waiting".
+    pub fn notifier(&self) -> &Notifier {
+        &self.notifier
+    }
+
+    /// Stops taking jobs; threads exit once their current turn ends. Threads still busy
+    /// after the shutdown grace period are left to the process exit.
+    pub fn close(&mut self) {
+        self.jobs = None;
+    }
+
+    /// Joins threads that have finished; returns how many are still running.
+    pub fn reap(&mut self) -> usize {
+        let (done, busy): (Vec<_>, Vec<_>) = self.threads.drain(..).partition(|t| t.is_finished());
+        for t in done {
+            let _ = t.join();
+        }
+        self.threads = busy;
+        self.threads.len()
+    }
+}
+
+fn worker(
+    jobs: Arc<Mutex<Receiver<Job>>>,
+    results: Sender<(TurnKey, TurnEvent)>,
+    agent: Arc<dyn Agent>,
+    notifier: Notifier,
+) {
+    loop {
+        let job = {
+            let rx = jobs.lock().unwrap_or_else(|p| p.into_inner());
+            match rx.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            }
+        };
+        let key = job.key.clone();
+        let sink_tx = results.clone();
+        let sink_key = key.clone();
+        let sink_notifier = notifier.clone();
+        let mut out = TurnOutput::new(
+            job.cancel.clone(),
+            Box::new(move |item| {
+                if sink_tx
+                    .send((sink_key.clone(), TurnEvent::Stream(item)))
+                    .is_ok()
+                {
+                    sink_notifier.wake();
+                }
+            }),
+        );
+        // A panicking agent must cost its user one turn, not a worker thread.
+        let outcome = catch_unwind(AssertUnwindSafe(|| agent.answer(&job.turn, &mut out)))
+            .unwrap_or_else(|_| {
+                warn!(
+                    "user={} agent {} panicked during a turn",
+                    key.user,
+                    agent.name()
+                );
+                Err(AgentError::Failed("the agent failed".into()))
+            });
+        if results.send((key, TurnEvent::Done(outcome))).is_err() {
+            return;
+        }
+        notifier.wake();
+    }
+}

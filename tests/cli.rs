@@ -1,0 +1,76 @@
+//! Command line: `--help`, bad options, options from the environment.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_straycat"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run straycat")
+}
+
+#[test]
+fn help_prints_options_and_exits_0() {
+    let out = run(&["--help"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for opt in [
+        "--listen",
+        "--workers",
+        "--echo-delay-ms",
+        "--api-key",
+        "--raw-echo",
+        "STRAYCAT_",
+    ] {
+        assert!(text.contains(opt), "help mentions {opt}: {text}");
+    }
+}
+
+#[test]
+fn bad_option_prints_one_line_and_exits_2() {
+    for (args, env) in [
+        (vec!["--no-such-option"], vec![]),
+        (vec!["--workers", "many"], vec![]),
+        (vec!["--workers"], vec![]),
+        (vec!["--listen", "not-an-address"], vec![]),
+        (vec!["--max-message-bytes", "-5"], vec![]),
+        (vec![], vec![("STRAYCAT_WORKERS", "many")]),
+    ] {
+        let out = run(&args, &env);
+        assert_eq!(out.status.code(), Some(2), "{args:?} {env:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "{args:?} {env:?}: one line on stderr, got {err:?}"
+        );
+    }
+}
+
+#[test]
+fn options_come_from_the_environment_too() {
+    let server = Server::start_with_env(
+        &[],
+        &[
+            ("STRAYCAT_RAW_ECHO", "1"),
+            ("STRAYCAT_MAX_CONNECTIONS", "1"),
+        ],
+    );
+    let mut c =
+        try_connect_path(server.addr(), "/echo").expect("/echo enabled by STRAYCAT_RAW_ECHO");
+    c.ws.send(tungstenite::Message::text("hi")).unwrap();
+    assert_eq!(c.ws.read().unwrap().into_text().unwrap().as_str(), "hi");
+    let resp = upgrade_refused(server.addr(), "/ws/second");
+    assert_eq!(resp.status, 503, "STRAYCAT_MAX_CONNECTIONS=1: {resp:?}");
+}

@@ -1,0 +1,233 @@
+//! Sessions outlive sockets: disconnects mid-answer, replacement, resume with `?since=N`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const SLOW_TEXT: &str = "one two three four five";
+
+/// How the first socket goes away in the middle of a slow answer.
+enum Disconnect {
+    /// A close frame, then the TCP close.
+    Clean,
+    /// `shutdown(Both)` with no close frame.
+    TcpDrop,
+    /// A second connection of the same user while the first is still open.
+    Replaced,
+}
+
+/// Number of WebSocket connections `/health` reports.
+fn connections(server: &Server) -> u64 {
+    let h = server.health();
+    h["connections"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("health.connections is a number: {h}"))
+}
+
+fn disconnect_mid_answer(how: Disconnect) {
+    let server = Server::start(&["--echo-delay-ms", "200"]);
+    let user = "mid";
+    let mut old = server.connect(user, "");
+    let with_socket = connections(&server);
+    old.say(SLOW_TEXT, Some("q1"));
+    let first = old.recv_json();
+    assert_eq!(first["type"], "chat_token", "turn is running: {first}");
+    assert_eq!(first["content"], "one");
+
+    let mut new = match how {
+        Disconnect::Clean | Disconnect::TcpDrop => {
+            if matches!(how, Disconnect::Clean) {
+                old.close();
+            } else {
+                old.drop_tcp();
+            }
+            // Wait until the server has noticed the socket is gone.
+            poll(
+                "the server to drop the old socket",
+                Duration::from_secs(10),
+                || (connections(&server) < with_socket).then_some(()),
+            );
+            server.connect(user, "")
+        }
+        Disconnect::Replaced => {
+            let new = server.connect(user, "");
+            let (before, close) = old.expect_close();
+            assert_eq!(
+                close,
+                Some((1000, "replaced".to_string())),
+                "old socket closed with 1000 replaced"
+            );
+            for f in &before {
+                match f {
+                    Incoming::Json(v) if v["type"] == "chat_token" => {}
+                    other => panic!("old socket got {other:?} before its close"),
+                }
+            }
+            let line = server
+                .wait_log_all(
+                    &["replaced", &format!("user={user}")],
+                    Duration::from_secs(10),
+                )
+                .expect("a log line about the replaced connection");
+            assert!(line.contains("peer="), "log line names the peer: {line}");
+            new
+        }
+    };
+
+    // The held (or still running) reply arrives on the new socket, once, with its seq.
+    let (tokens, chat) = new.recv_until_chat();
+    let all = words(SLOW_TEXT);
+    assert!(
+        tokens.len() < all.len() && all.ends_with(&tokens),
+        "only live tokens of the rest of the turn may arrive, got {tokens:?}"
+    );
+    assert_chat(&chat, user, SLOW_TEXT, Some("q1"));
+    assert_eq!(seq(&chat), 1);
+
+    // And the session goes on.
+    new.say("next", Some("q2"));
+    let (tokens, chat) = new.recv_until_chat();
+    assert_eq!(tokens, words("next"));
+    assert_chat(&chat, user, "next", Some("q2"));
+    assert_eq!(seq(&chat), 2);
+}
+
+#[test]
+fn clean_close_mid_answer_then_reconnect_gets_held_reply() {
+    disconnect_mid_answer(Disconnect::Clean);
+}
+
+#[test]
+fn tcp_drop_mid_answer_then_reconnect_gets_held_reply() {
+    disconnect_mid_answer(Disconnect::TcpDrop);
+}
+
+#[test]
+fn new_connection_replaces_old_one_mid_answer() {
+    disconnect_mid_answer(Disconnect::Replaced);
+}
+
+#[test]
+fn reply_finished_while_disconnected_is_delivered_on_next_socket() {
+    let server = Server::start(&[]);
+    let mut c = server.connect("later", "");
+    let with_socket = connections(&server);
+    c.say("quick", Some("k1"));
+    c.drop_tcp();
+    poll(
+        "the server to drop the socket",
+        Duration::from_secs(10),
+        || (connections(&server) < with_socket).then_some(()),
+    );
+    let mut c = server.connect("later", "");
+    let (_, chat) = c.recv_until_chat();
+    assert_chat(&chat, "later", "quick", Some("k1"));
+    assert_eq!(seq(&chat), 1);
+    c.say("then", Some("k2"));
+    let (tokens, chat) = c.recv_until_chat();
+    assert_eq!(tokens, words("then"));
+    assert_eq!(seq(&chat), 2, "the held reply was sent once: {chat}");
+}
+
+/// Sends `n` messages `m{i}` with ids `i{i}` and returns their replies.
+fn chat_n(c: &mut Client, n: usize) -> Vec<serde_json::Value> {
+    (1..=n)
+        .map(|i| {
+            c.say(&format!("m{i}"), Some(&format!("i{i}")));
+            let (_, chat) = c.recv_until_chat();
+            chat
+        })
+        .collect()
+}
+
+#[test]
+fn resume_since_replays_later_frames_in_order() {
+    let server = Server::start(&[]);
+    let user = "res";
+    let mut c = server.connect(user, "");
+    let replies = chat_n(&mut c, 3);
+    let seqs: Vec<u64> = replies.iter().map(seq).collect();
+    assert_eq!(seqs, [1, 2, 3]);
+    c.close();
+
+    // since=1: frames 2 and 3, in order, no tokens.
+    let mut c = server.connect(user, "?since=1");
+    for i in 2..=3u64 {
+        let v = c.recv_json();
+        assert_eq!(v["type"], "chat", "replayed frame {i}: {v}");
+        assert_chat(&v, user, &format!("m{i}"), Some(&format!("i{i}")));
+        assert_eq!(seq(&v), i);
+    }
+    c.say("s1", Some("s1"));
+    let (tokens, chat) = c.recv_until_chat();
+    assert_eq!(tokens, words("s1"), "nothing else was replayed");
+    assert_eq!(seq(&chat), 4);
+    c.close();
+
+    // since=latest: nothing replayed.
+    let mut c = server.connect(user, "?since=4");
+    c.say("s2", Some("s2"));
+    let (tokens, chat) = c.recv_until_chat();
+    assert_eq!(tokens, words("s2"));
+    assert_eq!(seq(&chat), 5);
+    c.close();
+
+    // No since, everything handed out already: nothing replayed.
+    let mut c = server.connect(user, "");
+    c.say("s3", Some("s3"));
+    let (tokens, chat) = c.recv_until_chat();
+    assert_eq!(tokens, words("s3"));
+    assert_eq!(seq(&chat), 6);
+    c.close();
+
+    // since=0: the whole history, in order.
+    let mut c = server.connect(user, "?since=0");
+    let expect = ["m1", "m2", "m3", "s1", "s2", "s3"];
+    for (i, text) in expect.iter().enumerate() {
+        let v = c.recv_json();
+        assert_eq!(v["type"], "chat", "{v}");
+        assert_eq!(v["text"], *text, "{v}");
+        assert_eq!(seq(&v), i as u64 + 1);
+    }
+    c.say("s4", None);
+    let (tokens, chat) = c.recv_until_chat();
+    assert_eq!(tokens, words("s4"));
+    assert_eq!(seq(&chat), 7);
+}
+
+#[test]
+fn resume_beyond_held_frames_yields_resume_gap_first() {
+    let server = Server::start(&["--max-held-frames", "2"]);
+    let user = "gap";
+    let mut c = server.connect(user, "");
+    let seqs: Vec<u64> = chat_n(&mut c, 4).iter().map(seq).collect();
+    assert_eq!(seqs, [1, 2, 3, 4]);
+    c.close();
+
+    // Frames after 2 are all held: no gap.
+    let mut c = server.connect(user, "?since=2");
+    for i in 3..=4u64 {
+        let v = c.recv_json();
+        assert_eq!(v["type"], "chat", "{v}");
+        assert_eq!(seq(&v), i, "{v}");
+    }
+    c.close();
+
+    // Frames 1 and 2 were evicted: ResumeGap, then what is held, in order.
+    let mut c = server.connect(user, "?since=0");
+    let gap = c.recv_json();
+    assert_error(&gap, "ResumeGap");
+    for i in 3..=4u64 {
+        let v = c.recv_json();
+        assert_eq!(v["type"], "chat", "{v}");
+        assert_chat(&v, user, &format!("m{i}"), Some(&format!("i{i}")));
+        assert_eq!(seq(&v), i, "{v}");
+    }
+    c.say("after", None);
+    let (tokens, chat) = c.recv_until_chat();
+    assert_eq!(tokens, words("after"), "nothing else replayed");
+    assert_chat(&chat, user, "after", None);
+    assert!(server.wait_log(&format!("user={user}"), Duration::from_secs(5)));
+}
