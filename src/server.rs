@@ -141,7 +141,8 @@ impl Server {
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER_BYTES)
             .write_buffer_size(config.max_buffered_bytes)
-            .max_write_buffer_size(config.max_buffered_bytes)
+            // Tungstenite requires the cap to exceed the flush threshold.
+            .max_write_buffer_size(config.max_buffered_bytes + 1)
             .max_message_size(Some(config.max_message_bytes))
             .max_frame_size(Some(config.max_message_bytes));
         Ok(Server {
