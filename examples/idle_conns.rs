@@ -36,7 +36,9 @@ fn main() -> ExitCode {
             "--n" => n = v.parse().unwrap_or(n),
             "--path" => path = v,
             _ => {
-                eprintln!("usage: idle_conns --pid PID [--addr 127.0.0.1:1865] [--n 10000] [--path /ws/idle-]");
+                eprintln!(
+                    "usage: idle_conns --pid PID [--addr 127.0.0.1:1865] [--n 10000] [--path /ws/idle-]"
+                );
                 return ExitCode::from(2);
             }
         }
@@ -56,7 +58,11 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let mut sockets = Vec::with_capacity(n);
     for i in 0..n {
-        let url = if path.ends_with('-') { format!("ws://{addr}{path}{i}") } else { format!("ws://{addr}{path}") };
+        let url = if path.ends_with('-') {
+            format!("ws://{addr}{path}{i}")
+        } else {
+            format!("ws://{addr}{path}")
+        };
         let stream = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
             Ok(s) => s,
             Err(e) => {
@@ -79,10 +85,17 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     };
     let per_conn = (after.saturating_sub(before)) as f64 * 1024.0 / n as f64;
-    println!("connections:            {n} ({path}, opened in {:.1} s)", opened.as_secs_f64());
+    println!(
+        "connections:            {n} ({path}, opened in {:.1} s)",
+        opened.as_secs_f64()
+    );
     println!("server RSS before:      {before} KiB");
     println!("server RSS with conns:  {after} KiB");
-    println!("per idle connection:    {:.0} bytes ({:.2} KiB)", per_conn, per_conn / 1024.0);
+    println!(
+        "per idle connection:    {:.0} bytes ({:.2} KiB)",
+        per_conn,
+        per_conn / 1024.0
+    );
     drop(sockets);
     ExitCode::SUCCESS
 }
