@@ -6,6 +6,7 @@ use crate::http::{self, Head, MAX_HEAD_BYTES};
 use crate::protocol::UserId;
 use crate::session::ConnId;
 use mio::net::TcpStream;
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::time::Instant;
@@ -67,9 +68,9 @@ pub enum Phase {
         discarded: usize,
     },
     /// An open WebSocket.
-    Open(Box<WebSocket<TcpStream>>),
+    Open(Box<WebSocket<Counted>>),
     /// We or the client started the close handshake.
-    Closing(Box<WebSocket<TcpStream>>),
+    Closing(Box<WebSocket<Counted>>),
     /// Only while one phase is moved into the next; never seen outside `Conn`'s methods.
     Gone,
 }
@@ -94,14 +95,60 @@ pub struct Conn {
     pub ping_sent: Option<Instant>,
     /// When the next ping is due.
     pub next_ping: Instant,
-    /// Highest seq written to this socket; handed to the session once flushed.
-    pub written_upto: u64,
     /// Written since the last flush.
     pub dirty: bool,
     /// In the loop's queue of connections that may have unread data.
     pub queued_read: bool,
     /// Accepted over the connection cap only to be told 503.
     pub refusing: bool,
+    /// The epoch of the session this socket was attached to.
+    pub session_epoch: u64,
+    /// The peer broke the protocol: we only send our close frame and drain what arrives.
+    failed: bool,
+    /// Bytes of WebSocket frames handed to tungstenite (resynchronised with what the
+    /// kernel took at every complete flush).
+    queued: u64,
+    /// `--max-buffered-bytes`: unsent bytes past which the client is a slow consumer.
+    max_unsent: u64,
+    /// Frames with a seq written to tungstenite, with the byte offset (on the `queued`
+    /// scale) at which each ends: once the kernel has taken that many bytes, it is handed.
+    in_flight: VecDeque<(u64, u64)>,
+}
+
+/// The socket under tungstenite, counting the bytes the kernel accepted, so the server
+/// knows how much the client has left unread without reaching into tungstenite's buffer.
+pub struct Counted {
+    inner: TcpStream,
+    written: u64,
+}
+
+impl Read for Counted {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+impl Write for Counted {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Bytes a server frame with this payload takes on the wire (RFC 6455 §5.2: server frames
+/// are unmasked; the length takes 0, 2 or 8 extra bytes).
+fn frame_bytes(payload: usize) -> u64 {
+    let header = match payload {
+        0..=125 => 2,
+        126..=65535 => 4,
+        _ => 10,
+    };
+    (header + payload) as u64
 }
 
 /// What reading the request head gave.
@@ -170,10 +217,14 @@ impl Conn {
             last_rx: now,
             ping_sent: None,
             next_ping: now,
-            written_upto: 0,
             dirty: false,
             queued_read: false,
             refusing: false,
+            session_epoch: 0,
+            failed: false,
+            queued: 0,
+            max_unsent: u64::MAX,
+            in_flight: VecDeque::new(),
         }
     }
 
@@ -223,7 +274,7 @@ impl Conn {
             Phase::Handshake { stream, .. }
             | Phase::Respond { stream, .. }
             | Phase::Linger { stream, .. } => Some(stream),
-            Phase::Open(ws) | Phase::Closing(ws) => Some(ws.get_mut()),
+            Phase::Open(ws) | Phase::Closing(ws) => Some(&mut ws.get_mut().inner),
             Phase::Gone => None,
         }
     }
@@ -358,12 +409,22 @@ impl Conn {
     }
 
     /// Turns the connection into a WebSocket after the 101 answer went out.
-    pub fn upgrade(&mut self, kind: Kind, rest: Vec<u8>, config: WebSocketConfig) {
+    pub fn upgrade(
+        &mut self,
+        kind: Kind,
+        rest: Vec<u8>,
+        config: WebSocketConfig,
+        max_unsent: usize,
+    ) {
+        self.max_unsent = max_unsent as u64;
         let phase = std::mem::replace(&mut self.phase, Phase::Gone);
         self.phase = match phase {
             Phase::Handshake { stream, .. } | Phase::Respond { stream, .. } => {
                 Phase::Open(Box::new(WebSocket::from_partially_read(
-                    stream,
+                    Counted {
+                        inner: stream,
+                        written: 0,
+                    },
                     rest,
                     Role::Server,
                     Some(config),
@@ -380,7 +441,23 @@ impl Conn {
             Phase::Open(ws) | Phase::Closing(ws) => ws,
             _ => return WsRead::Idle,
         };
-        match ws.read() {
+        if self.failed {
+            // RFC 6455 §7.1.7: after failing the connection, nothing more is processed;
+            // tungstenite's reader is mid-frame and must not be used again.
+            return drain_raw(&mut ws.get_mut().inner);
+        }
+        let result = ws.read();
+        if let Err(WsError::Capacity(_) | WsError::Utf8(_) | WsError::Protocol(_)) = &result {
+            self.failed = true;
+        }
+        match result {
+            Ok(Message::Ping(payload)) => {
+                // Tungstenite queues the pong itself; count it so the offsets of our own
+                // frames behind it stay conservative (a later pong may replace an unsent
+                // one, which only makes us count a frame as handed later, never earlier).
+                self.queued += frame_bytes(payload.len());
+                WsRead::Message(Message::Ping(payload))
+            }
             Ok(msg) => WsRead::Message(msg),
             Err(WsError::Io(e)) if is_would_block(&e) => WsRead::Idle,
             Err(WsError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => WsRead::Idle,
@@ -401,27 +478,97 @@ impl Conn {
         }
     }
 
-    /// Queues a message; it goes out at the next flush.
+    /// Queues a message; it goes out at the next flush. `Full` when the client already
+    /// left more than `--max-buffered-bytes` unread: one large frame to a reading client
+    /// is fine, a backlog is not.
     pub fn write(&mut self, msg: Message) -> WsWrite {
         let Phase::Open(ws) = &mut self.phase else {
             return WsWrite::Lost("not open".into());
         };
+        if self.queued.saturating_sub(ws.get_ref().written) > self.max_unsent {
+            // Only what the kernel refuses counts against the client: try it first.
+            match self.flush() {
+                WsWrite::Ok | WsWrite::Pending => {}
+                other => return other,
+            }
+            if self.unsent() > self.max_unsent {
+                return WsWrite::Full;
+            }
+        }
+        let Phase::Open(ws) = &mut self.phase else {
+            return WsWrite::Lost("not open".into());
+        };
+        self.queued += frame_bytes(msg.len());
         self.dirty = true;
         ws_result(ws.write(msg))
     }
 
-    /// Queues a text frame.
-    pub fn write_text(&mut self, text: Utf8Bytes) -> WsWrite {
-        self.write(Message::Text(text))
+    /// Bytes written to tungstenite that the kernel has not taken yet.
+    pub fn unsent(&self) -> u64 {
+        match &self.phase {
+            Phase::Open(ws) | Phase::Closing(ws) => {
+                self.queued.saturating_sub(ws.get_ref().written)
+            }
+            _ => 0,
+        }
+    }
+
+    /// Queues a text frame; one with a `seq` is tracked until the kernel has taken it.
+    pub fn write_text(&mut self, text: Utf8Bytes, seq: Option<u64>) -> WsWrite {
+        let result = self.write(Message::Text(text));
+        if let (Some(seq), WsWrite::Ok | WsWrite::Pending) = (seq, &result) {
+            self.in_flight.push_back((self.queued, seq));
+        }
+        result
+    }
+
+    /// The highest seq whose frame the kernel has now taken, if any became so since the
+    /// last call.
+    pub fn take_handed(&mut self) -> Option<u64> {
+        let written = match &self.phase {
+            Phase::Open(ws) | Phase::Closing(ws) => ws.get_ref().written,
+            _ => return None,
+        };
+        let mut handed = None;
+        while let Some(&(end, seq)) = self.in_flight.front() {
+            if end > written {
+                break;
+            }
+            handed = Some(seq);
+            self.in_flight.pop_front();
+        }
+        handed
     }
 
     /// Writes out everything queued.
     pub fn flush(&mut self) -> WsWrite {
         self.dirty = false;
-        match &mut self.phase {
-            Phase::Open(ws) | Phase::Closing(ws) => ws_result(ws.flush()),
-            _ => WsWrite::Ok,
+        let (result, written) = match &mut self.phase {
+            Phase::Open(ws) | Phase::Closing(ws) => (ws_result(ws.flush()), ws.get_ref().written),
+            _ => return WsWrite::Ok,
+        };
+        match result {
+            // Everything went, pongs and close frames tungstenite added included.
+            WsWrite::Ok => {
+                if self.failed
+                    && let Phase::Closing(ws) = &mut self.phase
+                {
+                    // Our close frame is out and we will not parse the peer's reply:
+                    // closing our side lets the peer see the end and close too.
+                    let _ = ws.get_mut().inner.shutdown(Shutdown::Write);
+                }
+                if let Some(&(_, seq)) = self.in_flight.back() {
+                    self.in_flight.clear();
+                    self.in_flight.push_back((written, seq));
+                }
+                self.queued = written;
+            }
+            WsWrite::Pending if self.is_open() && self.unsent() > self.max_unsent => {
+                return WsWrite::Full;
+            }
+            _ => {}
         }
+        result
     }
 
     /// Starts the close handshake with `code` (RFC 6455 §7.1.2); the connection is then
@@ -435,9 +582,6 @@ impl Conn {
                 return WsWrite::Closed;
             }
         };
-        // A slow consumer's buffer is full by definition; make room for the close frame so
-        // it still goes out behind the data the client has not read yet.
-        ws.set_config(|c| c.max_write_buffer_size = c.max_write_buffer_size.saturating_add(256));
         let frame = CloseFrame {
             code,
             reason: Utf8Bytes::from(reason.to_string()),
@@ -451,6 +595,20 @@ impl Conn {
     /// Sends a heartbeat ping.
     pub fn ping(&mut self) -> WsWrite {
         self.write(Message::Ping(tungstenite::Bytes::new()))
+    }
+}
+
+/// Reads and drops whatever the peer still sends, until it closes.
+fn drain_raw(stream: &mut TcpStream) -> WsRead {
+    let mut scratch = [0u8; 1024];
+    loop {
+        match stream.read(&mut scratch) {
+            Ok(0) => return WsRead::Closed,
+            Ok(_) => {}
+            Err(e) if is_would_block(&e) => return WsRead::Idle,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return WsRead::Lost(e.to_string()),
+        }
     }
 }
 

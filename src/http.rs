@@ -103,7 +103,7 @@ pub fn route(req: &Request, api_key: Option<&str>, raw_echo: bool) -> Route {
     if req.method != "GET" {
         return Route::Refuse(405, format!("method {} not allowed", req.method));
     }
-    let user = if req.path == "/ws" || req.path == "/ws/" {
+    let user = if req.path == "/ws" {
         Some(UserId::default_user())
     } else if let Some(raw) = req.path.strip_prefix("/ws/") {
         match percent_decode(raw).as_deref().and_then(UserId::parse) {
@@ -161,9 +161,9 @@ pub fn route(req: &Request, api_key: Option<&str>, raw_echo: bool) -> Route {
         && !token
             .as_deref()
             .is_some_and(|t| constant_time_eq(t.as_bytes(), key.as_bytes()))
-        {
-            return Route::Refuse(403, "missing or wrong token".into());
-        }
+    {
+        return Route::Refuse(403, "missing or wrong token".into());
+    }
     Route::Chat { user, since }
 }
 

@@ -78,6 +78,9 @@ enum TimerKey {
 struct Entry {
     session: Session,
     timer_at: Option<Instant>,
+    /// Unique per session made: a closing socket of an expired session must not mark
+    /// frames of a new session of the same user as handed.
+    epoch: u64,
 }
 
 /// The server: everything the event loop owns.
@@ -136,13 +139,14 @@ impl Server {
             turn_timeout: config.turn_timeout,
         };
         // Tungstenite's defaults (128 KiB read buffer, unbounded writes) are for servers
-        // with gigabytes. Here: a small read buffer, and writes that only queue (we flush
-        // once per loop iteration) up to the slow-consumer limit.
+        // with gigabytes. Here: a small read buffer, and writes that only queue, so that we
+        // flush once per loop iteration. The unsent-bytes bound is ours (`Conn::write`),
+        // because tungstenite's would refuse a single frame larger than it even to a
+        // client that reads everything.
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER_BYTES)
-            .write_buffer_size(config.max_buffered_bytes)
-            // Tungstenite requires the cap to exceed the flush threshold.
-            .max_write_buffer_size(config.max_buffered_bytes + 1)
+            .write_buffer_size(usize::MAX - 1)
+            .max_write_buffer_size(usize::MAX)
             .max_message_size(Some(config.max_message_bytes))
             .max_frame_size(Some(config.max_message_bytes));
         Ok(Server {
@@ -209,12 +213,18 @@ impl Server {
                             continue;
                         };
                         let id = conn.id;
-                        if event.is_writable() {
-                            self.on_writable(id);
-                        }
-                        if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            self.on_readable(id);
-                        }
+                        let (writable, readable) = (
+                            event.is_writable(),
+                            event.is_readable() || event.is_read_closed() || event.is_error(),
+                        );
+                        self.guarded(id, |s| {
+                            if writable {
+                                s.on_writable(id);
+                            }
+                            if readable {
+                                s.on_readable(id);
+                            }
+                        });
                     }
                 }
             }
@@ -229,16 +239,35 @@ impl Server {
                 self.begin_shutdown();
             }
             if let Some(until) = self.stopping
-                && (self.conns.is_empty() || Instant::now() >= until) {
-                    let left = self.conns.len();
-                    if left > 0 {
-                        warn!("shutdown grace period over: dropping {left} connections");
-                    }
-                    self.pool.close();
-                    let busy = self.pool.reap();
-                    info!("stopped ({busy} worker threads still busy are abandoned)");
-                    return Ok(());
+                && (self.conns.is_empty() || Instant::now() >= until)
+            {
+                let left = self.conns.len();
+                if left > 0 {
+                    warn!("shutdown grace period over: dropping {left} connections");
                 }
+                self.pool.close();
+                let busy = self.pool.reap();
+                info!("stopped ({busy} worker threads still busy are abandoned)");
+                return Ok(());
+            }
+        }
+    }
+
+    /// Runs `f` for connection `id`; should it panic (a bug, in our code or a library's),
+    /// only that connection is dropped and the loop serves everybody else.
+    fn guarded(&mut self, id: ConnId, f: impl FnOnce(&mut Server)) {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)));
+        if outcome.is_err() {
+            let (user, peer) = self
+                .conn(id)
+                .map(|c| (c.user().to_string(), c.peer.to_string()))
+                .unwrap_or_default();
+            error!(
+                "user={user} peer={peer} internal error while serving this connection; dropping it"
+            );
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.remove(id, "internal error")
+            }));
         }
     }
 
@@ -439,8 +468,9 @@ impl Server {
         let now = self.now();
         let ping_at = now.mono + self.config.ping_interval;
         let ws_config = self.ws_config;
+        let max_unsent = self.config.max_buffered_bytes;
         let Some(conn) = self.conn(id) else { return };
-        conn.upgrade(kind.clone(), rest, ws_config);
+        conn.upgrade(kind.clone(), rest, ws_config, max_unsent);
         conn.last_rx = now.mono;
         conn.next_ping = ping_at;
         let peer = conn.peer;
@@ -448,26 +478,34 @@ impl Server {
         self.schedule_conn(id, ping_at);
         if let Kind::Chat { user, since } = kind {
             let limits = self.limits;
+            let epoch = self.next_generation;
+            self.next_generation += 1;
             let entry = self.sessions.entry(user.clone()).or_insert_with(|| Entry {
                 session: Session::new(user.clone(), now.mono),
                 timer_at: None,
+                epoch,
             });
             let (replaced, frames) = entry.session.attach(id, since, &limits, now);
+            let epoch = entry.epoch;
+            if let Some(c) = conn_mut(&mut self.conns, id) {
+                c.session_epoch = epoch;
+            }
             info!(
                 "user={user} peer={peer} connected{}; {} frames to deliver",
                 since.map(|s| format!(" (since={s})")).unwrap_or_default(),
                 frames.len()
             );
             if let Some(old) = replaced
-                && let Some(old_conn) = self.conn(old) {
-                    info!(
-                        "user={user} peer={} replaced by a new connection from {peer}",
-                        old_conn.peer
-                    );
-                    old_conn.close(CloseCode::Normal, "replaced", now.mono + CLOSE_TIMEOUT);
-                    self.schedule_conn(old, now.mono + CLOSE_TIMEOUT);
-                    self.flush_queue.push(old);
-                }
+                && let Some(old_conn) = self.conn(old)
+            {
+                info!(
+                    "user={user} peer={} replaced by a new connection from {peer}",
+                    old_conn.peer
+                );
+                old_conn.close(CloseCode::Normal, "replaced", now.mono + CLOSE_TIMEOUT);
+                self.schedule_conn(old, now.mono + CLOSE_TIMEOUT);
+                self.flush_queue.push(old);
+            }
             for frame in frames {
                 self.write_to(id, frame);
             }
@@ -481,10 +519,11 @@ impl Server {
 
     fn queue_read(&mut self, id: ConnId) {
         if let Some(conn) = self.conn(id)
-            && !conn.queued_read {
-                conn.queued_read = true;
-                self.read_queue.push_back(id);
-            }
+            && !conn.queued_read
+        {
+            conn.queued_read = true;
+            self.read_queue.push_back(id);
+        }
     }
 
     fn serve_read_queue(&mut self) {
@@ -665,10 +704,7 @@ impl Server {
         if !conn.is_open() {
             return;
         }
-        let result = conn.write_text(frame.text);
-        if let (Some(seq), WsWrite::Ok | WsWrite::Pending) = (frame.seq, &result) {
-            conn.written_upto = conn.written_upto.max(seq);
-        }
+        let result = conn.write_text(frame.text, frame.seq);
         self.after_write(id, result);
     }
 
@@ -676,9 +712,10 @@ impl Server {
         match result {
             WsWrite::Ok | WsWrite::Pending => {
                 if let Some(conn) = self.conn(id)
-                    && conn.dirty {
-                        self.flush_queue.push(id);
-                    }
+                    && conn.dirty
+                {
+                    self.flush_queue.push(id);
+                }
             }
             WsWrite::Full => {
                 if let Some(conn) = conn_mut(&mut self.conns, id) {
@@ -706,17 +743,21 @@ impl Server {
     }
 
     fn flush(&mut self, id: ConnId) {
-        let Some(conn) = self.conn(id) else { return };
-        match conn.flush() {
-            WsWrite::Ok => {
-                let upto = conn.written_upto;
-                if let (true, Some(user)) = (conn.is_open(), conn.chat_user().cloned())
-                    && let Some(entry) = self.sessions.get_mut(&user)
-                        && entry.session.conn() == Some(id) {
-                            entry.session.mark_handed(upto);
-                        }
-            }
-            WsWrite::Pending => {}
+        let Some(conn) = conn_mut(&mut self.conns, id) else {
+            return;
+        };
+        let result = conn.flush();
+        // Frames the kernel took are handed, whether or not this socket is still the
+        // session's: a closing socket still delivers what it had queued.
+        if let Some(seq) = conn.take_handed()
+            && let Some(user) = conn.chat_user().cloned()
+            && let Some(entry) = self.sessions.get_mut(&user)
+            && entry.epoch == conn.session_epoch
+        {
+            entry.session.mark_handed(seq);
+        }
+        match result {
+            WsWrite::Ok | WsWrite::Pending => {}
             WsWrite::Full => self.after_write(id, WsWrite::Full),
             WsWrite::Closed => self.remove(id, "closed"),
             WsWrite::Lost(why) => self.remove(id, &why),
@@ -741,16 +782,17 @@ impl Server {
     fn phase_to_closing(&mut self, id: ConnId) {
         let deadline = Instant::now() + CLOSE_TIMEOUT;
         if let Some(conn) = self.conn(id)
-            && let Phase::Open(_) = conn.phase {
-                if let Phase::Open(ws) = std::mem::replace(&mut conn.phase, Phase::Gone) {
-                    conn.phase = Phase::Closing(ws);
-                }
-                conn.deadline = deadline;
-                conn.timer_at = None;
-                conn.dirty = true;
-                self.flush_queue.push(id);
-                self.schedule_conn(id, deadline);
+            && let Phase::Open(_) = conn.phase
+        {
+            if let Phase::Open(ws) = std::mem::replace(&mut conn.phase, Phase::Gone) {
+                conn.phase = Phase::Closing(ws);
             }
+            conn.deadline = deadline;
+            conn.timer_at = None;
+            conn.dirty = true;
+            self.flush_queue.push(id);
+            self.schedule_conn(id, deadline);
+        }
     }
 
     /// Takes the socket out of its session (the session lives on).
@@ -850,14 +892,15 @@ impl Server {
     fn schedule_session_idle(&mut self, user: &UserId) {
         let ttl = self.config.session_ttl;
         if let Some(entry) = self.sessions.get_mut(user)
-            && let Some(idle) = entry.session.idle_since() {
-                schedule(
-                    &mut self.timers,
-                    &mut entry.timer_at,
-                    idle + ttl,
-                    TimerKey::Session(user.clone()),
-                );
-            }
+            && let Some(idle) = entry.session.idle_since()
+        {
+            schedule(
+                &mut self.timers,
+                &mut entry.timer_at,
+                idle + ttl,
+                TimerKey::Session(user.clone()),
+            );
+        }
     }
 
     // ----- timers -------------------------------------------------------------------------
@@ -988,19 +1031,20 @@ impl Server {
             return;
         };
         if let Some(idle) = entry.session.idle_since()
-            && now >= idle + ttl {
-                let lost = entry.session.undelivered();
-                if lost > 0 {
-                    warn!(
-                        "user={user} session expired after {} s idle with {lost} undelivered frames",
-                        ttl.as_secs()
-                    );
-                } else {
-                    info!("user={user} session expired after {} s idle", ttl.as_secs());
-                }
-                self.sessions.remove(user);
-                return;
+            && now >= idle + ttl
+        {
+            let lost = entry.session.undelivered();
+            if lost > 0 {
+                warn!(
+                    "user={user} session expired after {} s idle with {lost} undelivered frames",
+                    ttl.as_secs()
+                );
+            } else {
+                info!("user={user} session expired after {} s idle", ttl.as_secs());
             }
+            self.sessions.remove(user);
+            return;
+        }
         let Some(entry) = self.sessions.get_mut(user) else {
             return;
         };

@@ -216,12 +216,13 @@ impl Session {
         });
         while self.held.len() > limits.max_held_frames.max(1) {
             if let Some(old) = self.held.pop_front()
-                && old.seq > self.handed_upto {
-                    warn!(
-                        "user={} held frames full: dropping undelivered frame seq={}",
-                        self.user, old.seq
-                    );
-                }
+                && old.seq > self.handed_upto
+            {
+                warn!(
+                    "user={} held frames full: dropping undelivered frame seq={}",
+                    self.user, old.seq
+                );
+            }
         }
         Outgoing {
             seq: Some(seq),
@@ -232,28 +233,29 @@ impl Session {
     /// Takes a client message: queues it, or says why not.
     pub fn accept(&mut self, msg: ClientMessage, limits: &Limits, now: Now) -> Accepted {
         if let Some(id) = &msg.id
-            && let Some((_, state)) = self.ids.iter().find(|(seen, _)| seen == id) {
-                return match *state {
-                    IdState::Pending => Accepted::StillRunning,
-                    IdState::Answered(seq) => match self.held.iter().find(|f| f.seq == seq) {
-                        Some(f) => Accepted::Resend(Outgoing {
-                            seq: Some(f.seq),
-                            text: f.text.clone(),
-                        }),
-                        None => {
-                            let why =
-                                format!("the reply to message {id} (seq {seq}) is no longer held");
-                            let id = id.clone();
-                            Accepted::ReplyGone(self.push(
-                                Held::Error(ErrorName::ResumeGap, why),
-                                Some(&id),
-                                limits,
-                                now,
-                            ))
-                        }
-                    },
-                };
-            }
+            && let Some((_, state)) = self.ids.iter().find(|(seen, _)| seen == id)
+        {
+            return match *state {
+                IdState::Pending => Accepted::StillRunning,
+                IdState::Answered(seq) => match self.held.iter().find(|f| f.seq == seq) {
+                    Some(f) => Accepted::Resend(Outgoing {
+                        seq: Some(f.seq),
+                        text: f.text.clone(),
+                    }),
+                    None => {
+                        let why =
+                            format!("the reply to message {id} (seq {seq}) is no longer held");
+                        let id = id.clone();
+                        Accepted::ReplyGone(self.push(
+                            Held::Error(ErrorName::ResumeGap, why),
+                            Some(&id),
+                            limits,
+                            now,
+                        ))
+                    }
+                },
+            };
+        }
         if self.running.is_some() && self.queue.len() >= limits.max_queued_turns {
             let why = format!(
                 "{} turns are already waiting; try again when they are answered",
@@ -418,9 +420,10 @@ impl Session {
     ) -> Outgoing {
         let out = self.push(frame, msg_id.as_deref(), limits, now);
         if let (Some(id), Some(seq)) = (msg_id, out.seq)
-            && let Some(entry) = self.ids.iter_mut().find(|(seen, _)| *seen == id) {
-                entry.1 = IdState::Answered(seq);
-            }
+            && let Some(entry) = self.ids.iter_mut().find(|(seen, _)| *seen == id)
+        {
+            entry.1 = IdState::Answered(seq);
+        }
         self.idle_since = now.mono;
         out
     }

@@ -60,9 +60,10 @@ impl Notifier {
     /// Wakes the loop unless a wake is already pending.
     pub fn wake(&self) {
         if !self.pending.swap(true, Ordering::AcqRel)
-            && let Err(e) = self.waker.wake() {
-                error!("cannot wake the event loop: {e}");
-            }
+            && let Err(e) = self.waker.wake()
+        {
+            error!("cannot wake the event loop: {e}");
+        }
     }
 
     /// Called by the loop before it drains results, so a result sent during the drain wakes

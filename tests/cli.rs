@@ -74,3 +74,41 @@ fn options_come_from_the_environment_too() {
     let resp = upgrade_refused(server.addr(), "/ws/second");
     assert_eq!(resp.status, 503, "STRAYCAT_MAX_CONNECTIONS=1: {resp:?}");
 }
+
+#[test]
+fn log_goes_to_stderr() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::Stdio;
+    use std::sync::mpsc::{Sender, channel};
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_straycat"))
+        .args(["--listen", "127.0.0.1:0", "--log-level", "debug"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // One reader per stream reports where the listening line shows up; the wait is bounded.
+    fn watch(stream: impl Read + Send + 'static, name: &'static str, tx: Sender<&'static str>) {
+        std::thread::spawn(move || {
+            let found = BufReader::new(stream)
+                .lines()
+                .map_while(Result::ok)
+                .any(|l| l.contains("listening on "));
+            if found {
+                let _ = tx.send(name);
+            }
+        });
+    }
+    let (tx, rx) = channel();
+    watch(child.stderr.take().unwrap(), "stderr", tx.clone());
+    watch(child.stdout.take().unwrap(), "stdout", tx);
+    let got = rx.recv_timeout(std::time::Duration::from_secs(20));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        got,
+        Ok("stderr"),
+        "the log (`listening on` line) goes to stderr"
+    );
+}

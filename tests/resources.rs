@@ -86,10 +86,10 @@ fn out_of_file_descriptors_pauses_accepting_without_spinning_and_recovers() {
         c.close();
     }
     for s in waiting.iter_mut() {
-        let resp = common::read_http_response(s);
-        assert_eq!(
-            resp.status, 101,
-            "a waiting connection was not served after descriptors were freed: {resp:?}"
+        let head = read_head(s);
+        assert!(
+            head.starts_with("HTTP/1.1 101 "),
+            "a waiting connection was not served after descriptors were freed: {head:?}"
         );
     }
     drop(waiting);

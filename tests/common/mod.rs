@@ -48,30 +48,21 @@ impl Server {
         cmd.args(["--listen", "127.0.0.1:0", "--log-level", "debug"])
             .args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("spawn straycat");
-        let stderr = child.stderr.take().expect("piped stderr");
         let log: Arc<(Mutex<LogState>, Condvar)> = Arc::default();
-        let log2 = Arc::clone(&log);
         let pid = child.id();
-        std::thread::spawn(move || {
-            let reader = BufReader::new(stderr);
-            for line in reader.split(b'\n') {
-                let Ok(line) = line else { break };
-                let line = String::from_utf8_lossy(&line).trim_end().to_string();
-                eprintln!("[straycat {pid}] {line}");
-                let (m, cv) = &*log2;
-                m.lock().unwrap().lines.push(line);
-                cv.notify_all();
-            }
-            let (m, cv) = &*log2;
-            m.lock().unwrap().eof = true;
-            cv.notify_all();
-        });
+        // The log belongs on stderr (tests/cli.rs checks that); stdout is read as well so
+        // that a logger writing to the wrong stream does not hide every other result.
+        let stderr = child.stderr.take().expect("piped stderr");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let open = Arc::new(Mutex::new(2u8));
+        spawn_log_reader(stderr, "", pid, Arc::clone(&log), Arc::clone(&open));
+        spawn_log_reader(stdout, "(stdout) ", pid, Arc::clone(&log), open);
         let mut server = Server {
             child,
             addr: "127.0.0.1:0".parse().unwrap(),
@@ -190,6 +181,33 @@ impl Server {
         assert_eq!(resp.status, 200, "GET /health: {resp:?}");
         serde_json::from_str(&resp.body).expect("/health body is JSON")
     }
+}
+
+/// Copies `stream` line by line into the shared log (and to the test's stderr).
+fn spawn_log_reader(
+    stream: impl Read + Send + 'static,
+    tag: &'static str,
+    pid: u32,
+    log: Arc<(Mutex<LogState>, Condvar)>,
+    open: Arc<Mutex<u8>>,
+) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).split(b'\n') {
+            let Ok(line) = line else { break };
+            let line = String::from_utf8_lossy(&line).trim_end().to_string();
+            eprintln!("[straycat {pid}] {tag}{line}");
+            let (m, cv) = &*log;
+            m.lock().unwrap().lines.push(line);
+            cv.notify_all();
+        }
+        let mut open = open.lock().unwrap();
+        *open -= 1;
+        if *open == 0 {
+            let (m, cv) = &*log;
+            m.lock().unwrap().eof = true;
+            cv.notify_all();
+        }
+    });
 }
 
 impl Drop for Server {
@@ -337,6 +355,9 @@ impl Client {
                 Ok(Message::Binary(b)) => return Incoming::Binary(b.to_vec()),
                 Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => continue,
                 Ok(Message::Close(cf)) => {
+                    // Like every real client: send the queued close reply, completing
+                    // the close handshake (RFC 6455 §5.5.1).
+                    let _ = self.ws.flush();
                     return Incoming::Close(
                         cf.map(|cf| (u16::from(cf.code), cf.reason.as_str().to_string())),
                     );
@@ -505,7 +526,14 @@ pub fn read_http_response(s: &mut TcpStream) -> HttpResponse {
     loop {
         match s.read(&mut chunk) {
             Ok(0) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                // A 101 is not followed by EOF: return it at once so the caller's
+                // status assertion names the request.
+                if buf.starts_with(b"HTTP/1.1 101") && buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 panic!(
