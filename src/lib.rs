@@ -11,7 +11,8 @@
 //! - [`conn`]: one connection's bytes: handshake, WebSocket, close.
 //! - [`timer`]: the deadline heap the event loop sleeps on.
 //! - [`server`]: the event loop that ties them together.
-//! - [`logging`]: log set-up for a terminal or a service.
+//! - [`systemd`]: readiness and watchdog notifications, socket activation, the journal.
+//! - [`logging`]: log set-up for a terminal or the journal.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -24,6 +25,7 @@ pub mod logging;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod systemd;
 pub mod timer;
 pub mod workers;
 

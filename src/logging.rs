@@ -1,7 +1,9 @@
-//! Log set-up: `simple_logger` at the configured level, colours only on a terminal.
+//! Log set-up: `simple_logger` at the configured level on a terminal or a plain pipe
+//! (colours only on a terminal), and, when stderr is the systemd journal, plain lines with
+//! a `<N>` syslog priority prefix and no timestamp, which journald reads as the level.
 
-use log::LevelFilter;
-use std::io::IsTerminal;
+use log::{Level, LevelFilter, Log, Metadata, Record};
+use std::io::{IsTerminal, Write};
 
 /// Parses a level name as accepted by `--log-level`.
 pub fn level(name: &str) -> LevelFilter {
@@ -15,8 +17,8 @@ pub fn level(name: &str) -> LevelFilter {
     }
 }
 
-/// Installs the logger. `RUST_LOG`, when set, wins over `--log-level` (as in most Rust
-/// programs); colours are used only when stderr is a terminal.
+/// Installs the logger. `RUST_LOG`, when set to a level name, wins over `--log-level`
+/// (as in most Rust programs).
 pub fn init(level_name: &str) {
     let mut level = level(level_name);
     if let Ok(env) = std::env::var("RUST_LOG") {
@@ -28,10 +30,54 @@ pub fn init(level_name: &str) {
             level = self::level(&env);
         }
     }
+    if crate::systemd::stderr_is_journal() {
+        if log::set_boxed_logger(Box::new(JournalLogger { level })).is_ok() {
+            log::set_max_level(level);
+        }
+        return;
+    }
     let logger = simple_logger::SimpleLogger::new()
         .with_level(level)
         .with_colors(std::io::stderr().is_terminal())
         .with_utc_timestamps();
     // Only fails if a logger is already installed (a second call in one process).
     let _ = logger.init();
+}
+
+/// Lines for journald: `<4>WARN user=… peer=… …`. The journal adds time and unit.
+struct JournalLogger {
+    level: LevelFilter,
+}
+
+/// The syslog priority journald expects for a level (sd-daemon(3)).
+pub fn syslog_priority(level: Level) -> u8 {
+    match level {
+        Level::Error => 3,
+        Level::Warn => 4,
+        Level::Info => 6,
+        Level::Debug | Level::Trace => 7,
+    }
+}
+
+impl Log for JournalLogger {
+    fn enabled(&self, metadata: &Metadata) -> bool {
+        metadata.level() <= self.level
+    }
+
+    fn log(&self, record: &Record) {
+        if self.enabled(record.metadata()) {
+            let line = format!(
+                "<{}>{} {}\n",
+                syslog_priority(record.level()),
+                record.level(),
+                record.args()
+            );
+            // One write per line so lines from the signal thread never interleave.
+            let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        }
+    }
+
+    fn flush(&self) {
+        let _ = std::io::stderr().flush();
+    }
 }

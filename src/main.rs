@@ -1,8 +1,11 @@
-//! The `straycat` binary: parse options, set up logging and signals, run the server.
+//! The `straycat` binary: parse options, set up logging, signals and systemd, run the server.
+
+#![deny(unsafe_code)]
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use straycat::config::{self, Command};
+use straycat::config::{self, Command, Config};
+use straycat::systemd::{self, SdNotify};
 use straycat::{EchoAgent, Server};
 
 fn main() -> ExitCode {
@@ -23,41 +26,32 @@ fn main() -> ExitCode {
         }
     };
     straycat::logging::init(&config.log_level);
-    let agent = Arc::new(EchoAgent {
-        delay: config.echo_delay,
-    });
-    let listen = config.listen;
-    let server = match Server::bind(*config, agent) {
+    let server = match build_server(*config) {
         Ok(s) => s,
         Err(e) => {
-            log::error!("cannot listen on {listen}: {e}");
+            log::error!("{e}");
             return ExitCode::FAILURE;
         }
     };
     let handle = server.shutdown_handle();
-    match signal_hook::iterator::Signals::new([
+    let signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
-    ]) {
-        Ok(mut signals) => {
-            let spawned = std::thread::Builder::new()
-                .name("straycat-signals".into())
-                .stack_size(64 * 1024)
-                .spawn(move || {
-                    if let Some(sig) = signals.forever().next() {
-                        log::info!("signal {sig} received");
-                        handle.shutdown();
-                    }
-                });
-            if let Err(e) = spawned {
-                log::error!("cannot start the signal thread: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
-        Err(e) => {
-            log::error!("cannot install signal handlers: {e}");
-            return ExitCode::FAILURE;
-        }
+    ]);
+    let spawned = signals.and_then(|mut signals| {
+        std::thread::Builder::new()
+            .name("straycat-signals".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    log::info!("signal {sig} received");
+                    handle.shutdown();
+                }
+            })
+    });
+    if let Err(e) = spawned {
+        log::error!("cannot install signal handlers: {e}");
+        return ExitCode::FAILURE;
     }
     match server.run() {
         Ok(()) => ExitCode::SUCCESS,
@@ -66,4 +60,56 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The server on the socket systemd handed over, or on `--listen`, with systemd
+/// notifications when `NOTIFY_SOCKET` is set.
+fn build_server(config: Config) -> Result<Server, String> {
+    let agent = Arc::new(EchoAgent {
+        delay: config.echo_delay,
+    });
+    let server = if systemd::listen_fds() >= 1 {
+        let listener = inherited_listener()?;
+        log::info!("using the listening socket passed by systemd (--listen is ignored)");
+        Server::from_listener(listener, config, agent)
+            .map_err(|e| format!("cannot serve the inherited socket: {e}"))?
+    } else {
+        let listen = config.listen;
+        Server::bind(config, agent).map_err(|e| format!("cannot listen on {listen}: {e}"))?
+    };
+    let notify = match SdNotify::from_env() {
+        Some(Ok(n)) => Some(n),
+        Some(Err(e)) => {
+            log::warn!("NOTIFY_SOCKET is set but unusable: {e}");
+            None
+        }
+        None => None,
+    };
+    Ok(server.with_systemd(notify, systemd::watchdog_interval()))
+}
+
+/// Takes file descriptor 3, the first socket of sd_listen_fds(3).
+#[allow(unsafe_code)]
+fn inherited_listener() -> Result<mio::net::TcpListener, String> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::fs::FileTypeExt;
+    const SD_LISTEN_FDS_START: i32 = 3;
+    let is_socket = std::fs::metadata(format!("/proc/self/fd/{SD_LISTEN_FDS_START}"))
+        .map(|m| m.file_type().is_socket())
+        .unwrap_or(false);
+    if !is_socket {
+        return Err("LISTEN_FDS is set but file descriptor 3 is not a socket".into());
+    }
+    // SAFETY: `from_raw_fd` needs fd 3 to be open and owned by nobody else. LISTEN_PID is
+    // this process (checked by `listen_fds`), so the service manager passed fds 3.. to us
+    // alone; we just checked fd 3 is an open socket; and this is the only place that takes
+    // it, once, at start-up, before anything else in the process opens or closes fds.
+    let std_listener = unsafe { std::net::TcpListener::from_raw_fd(SD_LISTEN_FDS_START) };
+    std_listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("inherited socket: {e}"))?;
+    std_listener
+        .local_addr()
+        .map_err(|e| format!("inherited fd 3 is not a TCP listener: {e}"))?;
+    Ok(mio::net::TcpListener::from_std(std_listener))
 }

@@ -8,6 +8,7 @@ use crate::conn::{Conn, HeadRead, Kind, Phase, READ_BUFFER_BYTES, WsRead, WsWrit
 use crate::http::{self, Route};
 use crate::protocol::{ErrorName, Held, UserId, parse_client_message, unix_now};
 use crate::session::{Accepted, ConnId, Limits, Now, Outgoing, Session};
+use crate::systemd::SdNotify;
 use crate::timer::{Timers, schedule};
 use crate::workers::{Job, Notifier, Pool, TurnEvent, TurnKey};
 use log::{debug, error, info, warn};
@@ -72,6 +73,7 @@ enum TimerKey {
     Conn(usize, u64),
     Session(UserId),
     Accept,
+    Watchdog,
 }
 
 /// A session and its place in the timer heap.
@@ -109,6 +111,10 @@ pub struct Server {
     shutdown_flag: Arc<AtomicBool>,
     shutdown_handle: ShutdownHandle,
     stopping: Option<Instant>,
+    /// The service manager's notification socket, when run by systemd.
+    sd_notify: Option<SdNotify>,
+    /// How often to tell systemd the loop is alive (half of `WatchdogSec`).
+    watchdog: Option<Duration>,
 }
 
 impl Server {
@@ -172,6 +178,8 @@ impl Server {
             started: Instant::now(),
             shutdown_flag,
             stopping: None,
+            sd_notify: None,
+            watchdog: None,
             config,
         })
     }
@@ -186,10 +194,26 @@ impl Server {
         self.shutdown_handle.clone()
     }
 
+    /// Reports to systemd through `notify` (READY once listening, STOPPING at shutdown)
+    /// and, with `watchdog`, sends `WATCHDOG=1` that often from the event loop itself, so a
+    /// stuck loop gets the service restarted.
+    pub fn with_systemd(mut self, notify: Option<SdNotify>, watchdog: Option<Duration>) -> Server {
+        self.watchdog = watchdog.filter(|_| notify.is_some());
+        self.sd_notify = notify;
+        self
+    }
+
     /// Runs the event loop until shutdown. Only a failing `Poll` ends it with an error.
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         info!("straycat listening on {}", self.local_addr);
+        if let Some(sd) = &self.sd_notify {
+            sd.send(&format!("READY=1\nSTATUS=listening on {}", self.local_addr));
+        }
+        if let Some(every) = self.watchdog {
+            info!("systemd watchdog: notifying every {} ms", every.as_millis());
+            self.timers.push(Instant::now(), TimerKey::Watchdog);
+        }
         loop {
             let now = Instant::now();
             let timeout = if self.read_queue.is_empty() {
@@ -924,6 +948,12 @@ impl Server {
                     self.accept_paused = false;
                     self.accept();
                 }
+                TimerKey::Watchdog => {
+                    if let (Some(sd), Some(every)) = (&self.sd_notify, self.watchdog) {
+                        sd.send("WATCHDOG=1");
+                        self.timers.push(now + every, TimerKey::Watchdog);
+                    }
+                }
                 TimerKey::Conn(slot, generation) => {
                     let id = ConnId { slot, generation };
                     if self.conn(id).is_some_and(|c| c.timer_at == Some(at)) {
@@ -1113,6 +1143,9 @@ impl Server {
             self.conns.len()
         );
         self.stopping = Some(until);
+        if let Some(sd) = &self.sd_notify {
+            sd.send("STOPPING=1");
+        }
         let _ = self.poll.registry().deregister(&mut self.listener);
         for entry in self.sessions.values_mut() {
             entry.session.cancel_all();

@@ -57,20 +57,32 @@ pub fn watchdog_interval() -> Option<Duration> {
 /// Whether systemd handed this process listening sockets: `LISTEN_PID` is ours and
 /// `LISTEN_FDS` is at least 1 (sd_listen_fds(3)). The first one is file descriptor 3.
 pub fn listen_fds() -> usize {
-    let ours = std::env::var("LISTEN_PID").ok().and_then(|p| p.trim().parse::<u32>().ok()) == Some(std::process::id());
+    let ours = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        == Some(std::process::id());
     if !ours {
         return 0;
     }
-    std::env::var("LISTEN_FDS").ok().and_then(|n| n.trim().parse().ok()).unwrap_or(0)
+    std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Whether stderr is connected to the journal (`JOURNAL_STREAM` names its device and
 /// inode), so logs should carry `<N>` priorities and no timestamps of their own.
 pub fn stderr_is_journal() -> bool {
     use std::os::unix::fs::MetadataExt;
-    let Ok(stream) = std::env::var("JOURNAL_STREAM") else { return false };
-    let Some((dev, ino)) = stream.split_once(':') else { return false };
-    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else { return false };
+    let Ok(stream) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = stream.split_once(':') else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
     match std::fs::metadata("/proc/self/fd/2") {
         Ok(m) => m.dev() == dev && m.ino() == ino,
         Err(_) => false,
