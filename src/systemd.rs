@@ -45,10 +45,10 @@ impl SdNotify {
 /// How often to send `WATCHDOG=1`: half of `WATCHDOG_USEC`, when it is set for this process
 /// (`WATCHDOG_PID` absent or ours), as sd_watchdog_enabled(3) describes.
 pub fn watchdog_interval() -> Option<Duration> {
-    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
-        if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
-            return None;
-        }
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.trim().parse::<u32>().ok() != Some(std::process::id())
+    {
+        return None;
     }
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
     (usec > 0).then(|| Duration::from_micros(usec / 2))
