@@ -10,7 +10,8 @@
 //! - [`workers`]: the thread pool that runs agents, and the waker that brings results back.
 //! - [`conn`]: one connection's bytes: handshake, WebSocket, close.
 //! - [`timer`]: the deadline heap the event loop sleeps on.
-//! - [`server`]: the event loop that ties them together.
+//! - [`server`]: the event loop that ties them together (accepting and the HTTP phase,
+//!   messages and frames, deadlines, each in a file of its own).
 //! - [`systemd`]: readiness and watchdog notifications, socket activation, the journal.
 //! - [`logging`]: log set-up for a terminal or the journal.
 
