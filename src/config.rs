@@ -71,6 +71,9 @@ impl Default for Config {
     }
 }
 
+/// Longest accepted duration option, in seconds (a year).
+const MAX_SECS: u64 = 365 * 24 * 3600;
+
 /// What the command line asked for.
 #[derive(Debug)]
 pub enum Command {
@@ -312,6 +315,16 @@ fn apply(cfg: &mut Config, opt: &Opt, value: &str, origin: &str) -> Result<(), C
         }
     };
     let size = |min: u64| count(min).map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+    // Deadlines are `Instant + Duration`, which panics on overflow: a year is longer than
+    // any sensible timeout and far from the limit.
+    let secs = |min: u64| match count(min)? {
+        n if n > MAX_SECS => Err(bad(&format!("must be at most {MAX_SECS} (a year)"))),
+        n => Ok(Duration::from_secs(n)),
+    };
+    let millis = |min: u64| match count(min)? {
+        n if n > MAX_SECS * 1000 => Err(bad("must be at most a year")),
+        n => Ok(Duration::from_millis(n)),
+    };
     match opt.name {
         "listen" => {
             cfg.listen = value
@@ -321,10 +334,10 @@ fn apply(cfg: &mut Config, opt: &Opt, value: &str, origin: &str) -> Result<(), C
         }
         "workers" => cfg.workers = size(1)?.min(1024),
         "max-queued-turns" => cfg.max_queued_turns = size(0)?,
-        "turn-timeout-secs" => cfg.turn_timeout = Duration::from_secs(count(1)?),
-        "echo-delay-ms" => cfg.echo_delay = Duration::from_millis(count(0)?),
-        "ping-interval-secs" => cfg.ping_interval = Duration::from_secs(count(1)?),
-        "ping-timeout-secs" => cfg.ping_timeout = Duration::from_secs(count(1)?),
+        "turn-timeout-secs" => cfg.turn_timeout = secs(1)?,
+        "echo-delay-ms" => cfg.echo_delay = millis(0)?,
+        "ping-interval-secs" => cfg.ping_interval = secs(1)?,
+        "ping-timeout-secs" => cfg.ping_timeout = secs(1)?,
         "max-message-bytes" => cfg.max_message_bytes = size(16)?,
         "max-connections" => cfg.max_connections = size(1)?,
         "max-buffered-bytes" => cfg.max_buffered_bytes = size(1024)?,
@@ -335,11 +348,11 @@ fn apply(cfg: &mut Config, opt: &Opt, value: &str, origin: &str) -> Result<(), C
                 Some(value.to_string())
             }
         }
-        "session-ttl-secs" => cfg.session_ttl = Duration::from_secs(count(1)?),
+        "session-ttl-secs" => cfg.session_ttl = secs(1)?,
         "history-turns" => cfg.history_turns = size(0)?,
         "max-held-frames" => cfg.max_held_frames = size(1)?,
         "max-sessions" => cfg.max_sessions = size(1)?,
-        "handshake-timeout-secs" => cfg.handshake_timeout = Duration::from_secs(count(1)?),
+        "handshake-timeout-secs" => cfg.handshake_timeout = secs(1)?,
         "raw-echo" => {
             cfg.raw_echo = match value {
                 "1" | "true" | "yes" | "on" => true,
@@ -411,6 +424,8 @@ mod tests {
             &["--workers", "x"],
             &["--workers", "0"],
             &["--listen", "nowhere"],
+            &["--turn-timeout-secs", "18446744073709551615"],
+            &["--echo-delay-ms", "99999999999999"],
             &["stray"],
         ] {
             let err = run(args, &[]).unwrap_err();

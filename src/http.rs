@@ -7,6 +7,9 @@ use crate::protocol::UserId;
 /// Largest request head accepted; a browser's upgrade request is well under 2 KiB.
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
 
+/// Largest `?since=` accepted (2^53).
+pub const MAX_SINCE: u64 = 1 << 53;
+
 /// Headers parsed at most; more is a 400.
 const MAX_HEADERS: usize = 32;
 
@@ -150,8 +153,11 @@ pub fn route(req: &Request, api_key: Option<&str>, raw_echo: bool) -> Route {
         };
         match k {
             "token" => token = Some(v),
+            // Bounded so seq arithmetic cannot overflow; 2^53 is also the largest integer
+            // a JavaScript client can hold exactly.
             "since" => match v.parse::<u64>() {
-                Ok(n) => since = Some(n),
+                Ok(n) if n <= MAX_SINCE => since = Some(n),
+                Ok(_) => return Route::Refuse(400, "since is out of range".into()),
                 Err(_) => return Route::Refuse(400, "since must be a whole number".into()),
             },
             _ => {}
@@ -291,6 +297,10 @@ mod tests {
         ));
         assert!(matches!(
             route(&upgrade("/ws/a?since=x"), None, false),
+            Route::Refuse(400, _)
+        ));
+        assert!(matches!(
+            route(&upgrade("/ws/a?since=18446744073709551615"), None, false),
             Route::Refuse(400, _)
         ));
         assert!(matches!(
