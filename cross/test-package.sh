@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# cross/test-package.sh: builds the amd64 .deb, installs it on this (Debian, amd64) machine,
+# runs the installed binary on 127.0.0.1, then removes and purges the package.
+#
+#   sudo bash cross/test-package.sh
+#
+# Checks: the package holds the binary, both units and the /etc/default/straycat conffile;
+# the units pass `systemd-analyze verify`; /usr/bin/straycat starts with every option of the
+# example file set, answers GET /health and stops cleanly on SIGTERM; removal keeps the
+# conffile, purge removes it. It refuses to run if straycat is already installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=cross/lib.sh
+. cross/lib.sh
+
+[ "$(id -u)" = 0 ] || die "run as root (it installs and removes a package)"
+[ "$(dpkg --print-architecture)" = amd64 ] || die "tests the amd64 package on an amd64 machine"
+if dpkg-query -W straycat >/dev/null 2>&1 &&
+    [ "$(dpkg-query -W -f='${db:Status-Abbrev}' straycat)" != "un " ]; then
+    die "straycat is already installed here; not touching it"
+fi
+
+bash cross/package.sh amd64
+version=$(awk -F'"' '/^version *=/ { print $2; exit }' Cargo.toml)
+deb=target/debian/straycat_${version}-1_amd64.deb
+[ -f "$deb" ] || die "no $deb"
+
+pid=""
+cleanup() {
+    [ -z "$pid" ] || kill "$pid" 2>/dev/null || true
+    dpkg -P straycat >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+# GET $2 from 127.0.0.1:$1 with bash's /dev/tcp (a fresh Debian has no curl); prints the
+# response.
+http_get() {
+    exec 3<>"/dev/tcp/127.0.0.1/$1" || return 1
+    printf 'GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n' "$2" >&3
+    timeout 5 cat <&3
+    exec 3<&-
+}
+
+log "dpkg -i $deb"
+dpkg -i "$deb"
+for f in /usr/bin/straycat /lib/systemd/system/straycat.service \
+    /lib/systemd/system/straycat.socket /etc/default/straycat; do
+    dpkg -S "$f" >/dev/null || die "$f is not in the package"
+    [ -e "$f" ] || die "$f was not installed"
+done
+dpkg-query -W -f='${Conffiles}\n' straycat | grep -q '/etc/default/straycat' ||
+    die "/etc/default/straycat is not a conffile"
+
+if command -v systemd-analyze >/dev/null; then
+    log "systemd-analyze verify"
+    systemd-analyze verify /lib/systemd/system/straycat.service /lib/systemd/system/straycat.socket
+else
+    echo "systemd-analyze not found: units not verified" >&2
+fi
+
+log "/usr/bin/straycat --version"
+out=$(/usr/bin/straycat --version)
+echo "$out"
+[ "$out" = "straycat $version" ] || die "unexpected --version output"
+
+# Every option of the example file, uncommented: the names and example values must all be
+# accepted. Listen on 127.0.0.1 only, on a free port.
+mapfile -t opts < <(sed -n 's/^#\(STRAYCAT_[A-Z_]*=.*\)$/\1/p' /etc/default/straycat |
+    grep -v '^STRAYCAT_LISTEN=')
+[ ${#opts[@]} -ge 17 ] || die "expected every option in /etc/default/straycat, found ${#opts[@]}"
+port=""
+for try in 1 2 3 4 5; do
+    p=$((20000 + RANDOM % 30000))
+    env "${opts[@]}" STRAYCAT_LISTEN="127.0.0.1:$p" /usr/bin/straycat 2>target/debian/test-package.log &
+    pid=$!
+    for _ in $(seq 50); do
+        if http_get "$p" /health 2>/dev/null | grep -q '"status":"ok"'; then port=$p; break; fi
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    [ -n "$port" ] && break
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    pid=""
+    echo "attempt $try on port $p failed:" >&2
+    cat target/debian/test-package.log >&2
+done
+[ -n "$port" ] || die "the installed straycat never answered /health"
+log "GET http://127.0.0.1:$port/health"
+http_get "$port" /health | tail -n 1
+echo
+kill -TERM "$pid"
+status=0
+wait "$pid" || status=$?
+pid=""
+[ "$status" = 0 ] || die "straycat exited with $status on SIGTERM"
+
+log "dpkg -r straycat"
+dpkg -r straycat
+[ ! -e /usr/bin/straycat ] || die "/usr/bin/straycat left after removal"
+[ -e /etc/default/straycat ] || die "removal deleted the conffile (only purge should)"
+log "dpkg -P straycat"
+dpkg -P straycat
+[ ! -e /etc/default/straycat ] || die "/etc/default/straycat left after purge"
+trap - EXIT
+echo "package test passed: $deb"
