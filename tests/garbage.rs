@@ -115,7 +115,7 @@ fn random_input_never_crashes_or_leaks_and_others_keep_chatting() {
         || {
             let h = server.health();
             // The bystander and the /health request itself.
-        (h["connections"].as_u64() == Some(2)).then_some(())
+            (h["connections"].as_u64() == Some(2)).then_some(())
         },
     );
     let logs = server.logs().join("\n");
