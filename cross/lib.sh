@@ -59,8 +59,18 @@ as_root() {
 
 # Debian's cross compiler (the rustc-web package installs it as /usr/bin/rustc).
 DEB_RUSTC=/usr/bin/rustc
+# libc6 and libgcc-s1 of arm64 and armhf are what the binaries run on under qemu (see
+# QEMU_SYSROOT); the -cross packages are what the cross linkers link against.
 CROSS_PACKAGES=(gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-arm64-cross
-    libc6-dev-armhf-cross qemu-user)
+    libc6-dev-armhf-cross libc6:arm64 libc6:armhf libgcc-s1:arm64 libgcc-s1:armhf qemu-user)
+
+# Where qemu-user finds the ARM dynamic loader and libraries: the root, i.e. Debian's
+# multiarch libc6:arm64 / libc6:armhf (/lib/ld-linux-aarch64.so.1, /lib/aarch64-linux-gnu/).
+# Not /usr/<gnu triple>: that tree has the cross packages' ld.so (2.36-8cross1) but not every
+# library, so qemu's path lookup falls back to the multiarch libc.so (2.36-9+deb12uN); that
+# mixed pair of ld.so and libc corrupts the loader's stack cache list and the first
+# pthread_create spins forever (aarch64) or segfaults (armv7).
+QEMU_SYSROOT=/
 
 # Installed version of a package, empty if absent.
 installed_version() {
@@ -271,6 +281,6 @@ cross_env() {
         up=$(echo "$t" | tr 'a-z-' 'A-Z_')
         gnu=$(gnu_triple "$t")
         export "CARGO_TARGET_${up}_LINKER=$gnu-gcc"
-        export "CARGO_TARGET_${up}_RUNNER=$(qemu_for "$t") -L /usr/$gnu"
+        export "CARGO_TARGET_${up}_RUNNER=$(qemu_for "$t") -L $QEMU_SYSROOT"
     done
 }

@@ -53,7 +53,9 @@ for arch in "${arches[@]}"; do
         "$root/usr/share/doc/straycat"
     install -m 0755 "$(binary_of "$arch")" "$root/usr/bin/straycat"
     install -m 0644 cross/straycat.service cross/straycat.socket "$root/lib/systemd/system/"
-    install -m 0644 cross/straycat.default "$root/etc/default/straycat"
+    # 0600: the file may hold STRAYCAT_API_KEY; systemd (root) reads it before dropping to
+    # the dynamic user, so nobody else needs to.
+    install -m 0600 cross/straycat.default "$root/etc/default/straycat"
     install -m 0644 README.md "$root/usr/share/doc/straycat/README.md"
     cat >"$root/usr/share/doc/straycat/copyright" <<EOF
 Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/

@@ -85,6 +85,9 @@ pub struct Pool {
 /// wasted address space on a 32-bit board.
 const WORKER_STACK_BYTES: usize = 256 * 1024;
 
+/// How often shutdown looks again for workers that have finished.
+const REAP_POLL: std::time::Duration = std::time::Duration::from_millis(5);
+
 impl Pool {
     /// Starts `workers` threads running `agent`.
     pub fn start(
@@ -137,14 +140,21 @@ impl Pool {
         self.jobs = None;
     }
 
-    /// Joins threads that have finished; returns how many are still running.
-    pub fn reap(&mut self) -> usize {
-        let (done, busy): (Vec<_>, Vec<_>) = self.threads.drain(..).partition(|t| t.is_finished());
-        for t in done {
-            let _ = t.join();
+    /// Joins the threads that finish before `deadline` (after [`Pool::close`], an idle
+    /// worker exits at once and a cancelled turn soon); returns how many are still running.
+    pub fn reap(&mut self, deadline: std::time::Instant) -> usize {
+        loop {
+            let (done, busy): (Vec<_>, Vec<_>) =
+                self.threads.drain(..).partition(|t| t.is_finished());
+            for t in done {
+                let _ = t.join();
+            }
+            self.threads = busy;
+            if self.threads.is_empty() || std::time::Instant::now() >= deadline {
+                return self.threads.len();
+            }
+            std::thread::sleep(REAP_POLL);
         }
-        self.threads = busy;
-        self.threads.len()
     }
 }
 

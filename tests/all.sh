@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Runs every check and test of straycat. On a fresh Debian 12 machine with the Rust
 # toolchain it first installs what the tests need (kosoku, the Autobahn TestSuite runner,
-# from PyPI). This is the README's test command, and what .ci/run calls.
+# from PyPI; for the ARM part, Debian's rustc-web, ARM standard libraries, cross linkers and
+# qemu-user, through apt). This is the README's test command, and what .ci/run calls.
+#
+# STRAYCAT_TEST_CROSS=0 skips the ARM and package part (for a quick run on a machine where
+# apt and root are not to be touched); CI runs everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,3 +23,13 @@ echo "== cargo doc"
 RUSTDOCFLAGS=-Dwarnings cargo doc --no-deps --quiet
 echo "== cargo test (unit, integration over 127.0.0.1, Autobahn 1-10)"
 cargo test --all-targets
+
+if [ "${STRAYCAT_TEST_CROSS:-1}" = 0 ]; then
+    echo "== STRAYCAT_TEST_CROSS=0: skipping the ARM builds, the suite under qemu and the packages"
+    exit 0
+fi
+echo "== ARM: release builds, the whole suite on aarch64 under qemu, armv7 smoke test"
+bash cross/test-arm.sh
+echo "== packages: arm64 and armhf .deb built, amd64 .deb installed, run and purged"
+bash cross/package.sh arm64 armhf
+bash cross/test-package.sh

@@ -52,6 +52,10 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How long shutdown waits for close handshakes before exiting anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// How long shutdown waits for worker threads to finish their (cancelled) turns; an agent
+/// that ignores cancellation is abandoned to the process exit rather than hold it up.
+const WORKER_EXIT_WAIT: Duration = Duration::from_millis(500);
+
 /// Events taken from the kernel per poll.
 const EVENTS_CAPACITY: usize = 1024;
 
@@ -274,8 +278,12 @@ impl Server {
                     warn!("shutdown grace period over: dropping {left} connections");
                 }
                 self.pool.close();
-                let busy = self.pool.reap();
-                info!("stopped ({busy} worker threads still busy are abandoned)");
+                let busy = self.pool.reap(Instant::now() + WORKER_EXIT_WAIT);
+                if busy == 0 {
+                    info!("stopped");
+                } else {
+                    warn!("stopped; {busy} worker threads still busy are abandoned");
+                }
                 return Ok(());
             }
         }
