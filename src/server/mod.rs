@@ -245,15 +245,17 @@ impl Server {
                             continue;
                         };
                         let id = conn.id;
-                        let (writable, readable) = (
-                            event.is_writable(),
-                            event.is_readable() || event.is_read_closed() || event.is_error(),
-                        );
+                        let hung_up = event.is_read_closed() || event.is_error();
+                        let (writable, readable) =
+                            (event.is_writable(), event.is_readable() || hung_up);
                         self.guarded(id, |s| {
                             if writable {
                                 s.on_writable(id);
                             }
                             if readable {
+                                if let Some(c) = s.conn(id) {
+                                    c.readable_again(hung_up);
+                                }
                                 s.on_readable(id);
                             }
                         });
