@@ -356,7 +356,7 @@ mod tests {
             .enumerate()
             .map(|(i, line)| HistoryEntry {
                 who: if i % 2 == 0 { Who::Human } else { Who::Ai },
-                text: line.to_string(),
+                text: (*line).into(),
             })
             .collect();
         Turn {

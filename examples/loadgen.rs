@@ -104,6 +104,8 @@ struct Opts {
     timeout_secs: f64,
     /// `idle`: echo one message of `--size` bytes on each connection before it goes idle.
     warm: bool,
+    /// `chat`: send one word of `--size` bytes rather than many short ones.
+    one_word: bool,
     /// A label copied into the JSON line (the server's name).
     label: String,
 }
@@ -120,6 +122,7 @@ modes: echo | rtt | churn | idle | chat
   --open-concurrency handshakes at once while opening (256)
   --timeout-secs S   give up opening connections after S (60)
   --warm             idle: one echo per connection before it goes idle
+  --one-word         chat: the text is one word, so a turn is one chat_token and one chat
   --label NAME       copied into the JSON line";
 
 fn parse_opts() -> Result<Opts, String> {
@@ -159,11 +162,16 @@ fn parse_opts() -> Result<Opts, String> {
         open_concurrency: 256,
         timeout_secs: 60.0,
         warm: false,
+        one_word: false,
         label: String::new(),
     };
     while let Some(flag) = args.next() {
         if flag == "--warm" {
             o.warm = true;
+            continue;
+        }
+        if flag == "--one-word" {
+            o.one_word = true;
             continue;
         }
         let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -421,7 +429,11 @@ impl Gen {
         let payload: Vec<u8> = if opts.mode == Mode::Chat {
             let mut words = String::new();
             let mut i = 0;
-            while words.len() + 8 < opts.size_bytes.saturating_sub(12).max(8) {
+            let room = opts.size_bytes.saturating_sub(12).max(8);
+            while opts.one_word && words.len() < room {
+                words.push((b'a' + (words.len() % 26) as u8) as char);
+            }
+            while words.len() + 8 < room {
                 words.push_str(["lorem", "ipsum", "dolor", "sit", "amet", "kiosk", "cat"][i % 7]);
                 words.push(' ');
                 i += 1;

@@ -25,8 +25,8 @@ pub enum Who {
 pub struct HistoryEntry {
     /// Who said it.
     pub who: Who,
-    /// What was said.
-    pub text: String,
+    /// What was said (shared with the session, which hands the history to every turn).
+    pub text: Arc<str>,
 }
 
 /// Everything an agent needs to answer one user message.

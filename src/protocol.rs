@@ -4,6 +4,7 @@
 use serde::Serialize;
 use serde_json::{Map, Value};
 use std::fmt;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Longest user id and client message id PROTOCOL.md allows.
@@ -12,13 +13,15 @@ pub const MAX_ID_CHARS: usize = 64;
 /// A validated user id: 1–64 characters of `A-Z a-z 0-9 _ . @ -`.
 ///
 /// Validation lives in the constructor so no unchecked id can reach a log line or a map.
+/// Shared, not owned: the id is cloned into every turn, worker result and timer, and a
+/// clone should cost a reference count, not an allocation.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct UserId(String);
+pub struct UserId(Arc<str>);
 
 impl UserId {
     /// The id of `/ws` without a path segment, as in Cheshire Cat.
     pub fn default_user() -> UserId {
-        UserId("user".to_string())
+        UserId(Arc::from("user"))
     }
 
     /// Checks an already percent-decoded id.
@@ -28,7 +31,7 @@ impl UserId {
             && raw
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'@' | b'-'));
-        ok.then(|| UserId(raw.to_string()))
+        ok.then(|| UserId(Arc::from(raw)))
     }
 
     /// The id as text.

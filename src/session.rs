@@ -7,6 +7,7 @@ use crate::agent::{AgentError, CancelToken, HistoryEntry, Turn, Who};
 use crate::protocol::{ClientMessage, ErrorName, Held, UserId, encode_held, encode_token};
 use log::warn;
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tungstenite::Utf8Bytes;
 
@@ -358,8 +359,8 @@ impl Session {
         let running = self.running.take()?;
         let frame = match outcome {
             Ok(text) => {
-                self.remember(Who::Human, running.input.clone(), limits);
-                self.remember(Who::Ai, text.clone(), limits);
+                self.remember(Who::Human, Arc::from(running.input.as_str()), limits);
+                self.remember(Who::Ai, Arc::from(text.as_str()), limits);
                 Held::Chat {
                     text,
                     input: running.input,
@@ -428,7 +429,7 @@ impl Session {
         out
     }
 
-    fn remember(&mut self, who: Who, text: String, limits: &Limits) {
+    fn remember(&mut self, who: Who, text: Arc<str>, limits: &Limits) {
         self.history.push_back(HistoryEntry { who, text });
         while self.history.len() > limits.history_turns * 2 {
             self.history.pop_front();
@@ -643,7 +644,7 @@ mod tests {
         }
         s.accept(msg("next", None), &LIMITS, now(t0, 0));
         let (turn, _) = s.start_next(9, &LIMITS, now(t0, 0)).unwrap();
-        let lines: Vec<&str> = turn.history.iter().map(|h| h.text.as_str()).collect();
+        let lines: Vec<&str> = turn.history.iter().map(|h| &*h.text).collect();
         assert_eq!(lines, ["m1", "M1", "m2", "M2"]);
         assert_eq!(turn.history[0].who, Who::Human);
     }

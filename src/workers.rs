@@ -4,10 +4,11 @@
 use crate::agent::{Agent, AgentError, CancelToken, Stream, Turn, TurnOutput};
 use crate::protocol::UserId;
 use log::{error, warn};
+use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 /// Names one turn of one session. The id is unique for the server's life, so a result for a
@@ -75,10 +76,54 @@ impl Notifier {
 
 /// A fixed set of threads running turns from one queue.
 pub struct Pool {
-    jobs: Option<Sender<Job>>,
+    queue: Arc<JobQueue>,
     results: Receiver<(TurnKey, TurnEvent)>,
     notifier: Notifier,
     threads: Vec<JoinHandle<()>>,
+}
+
+/// The turns waiting for a worker. A plain queue under a mutex, with a condition variable
+/// signalled only when a worker is idle: a worker takes the next turn without any wake-up
+/// while turns are waiting, so a burst of turns costs no thread switches beyond the
+/// workers' own. (A `Mutex<Receiver>` would have idle workers queue on the mutex behind
+/// the one blocked in `recv`, and hand it on with a futex wake per job.)
+#[derive(Default)]
+struct JobQueue {
+    state: Mutex<QueueState>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    jobs: VecDeque<Job>,
+    /// Workers waiting on `ready`.
+    idle: usize,
+    /// No more jobs: workers exit once the queue is empty.
+    closed: bool,
+}
+
+impl JobQueue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        // A worker that panicked while holding the lock left the queue consistent (every
+        // update is a single push, pop or counter step), so carry on with it.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The next job, waiting for one; `None` once the queue is closed and empty.
+    fn take(&self) -> Option<Job> {
+        let mut state = self.lock();
+        loop {
+            if let Some(job) = state.jobs.pop_front() {
+                return Some(job);
+            }
+            if state.closed {
+                return None;
+            }
+            state.idle += 1;
+            state = self.ready.wait(state).unwrap_or_else(|p| p.into_inner());
+            state.idle -= 1;
+        }
+    }
 }
 
 /// Stack for worker threads: agents that parse HTTP or JSON need some, but 2 MiB each is
@@ -95,33 +140,50 @@ impl Pool {
         agent: Arc<dyn Agent>,
         notifier: Notifier,
     ) -> std::io::Result<Pool> {
-        let (job_tx, job_rx) = channel::<Job>();
+        let queue = Arc::new(JobQueue::default());
         let (res_tx, res_rx) = channel();
-        let job_rx = Arc::new(Mutex::new(job_rx));
         let mut threads = Vec::with_capacity(workers);
         for i in 0..workers.max(1) {
-            let job_rx = Arc::clone(&job_rx);
+            let shared = Arc::clone(&queue);
             let res_tx = res_tx.clone();
             let agent = Arc::clone(&agent);
             let notifier = notifier.clone();
-            let t = std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name(format!("straycat-worker-{i}"))
                 .stack_size(WORKER_STACK_BYTES)
-                .spawn(move || worker(job_rx, res_tx, agent, notifier))?;
-            threads.push(t);
+                .spawn(move || worker(&shared, res_tx, agent, notifier));
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    // Let the threads already started exit rather than leak them.
+                    queue.lock().closed = true;
+                    queue.ready.notify_all();
+                    return Err(e);
+                }
+            }
         }
         Ok(Pool {
-            jobs: Some(job_tx),
+            queue,
             results: res_rx,
             notifier,
             threads,
         })
     }
 
-    /// Queues a turn; `false` if the pool is closed or every worker is gone (which
-    /// `worker`'s panic guard prevents).
+    /// Queues a turn; `false` once the pool is closed. The queue needs no bound of its own:
+    /// a session runs one turn at a time, so it holds at most one job per session.
     pub fn submit(&self, job: Job) -> bool {
-        self.jobs.as_ref().is_some_and(|tx| tx.send(job).is_ok())
+        let mut state = self.queue.lock();
+        if state.closed {
+            return false;
+        }
+        state.jobs.push_back(job);
+        let wake = state.idle > 0;
+        drop(state);
+        if wake {
+            self.queue.ready.notify_one();
+        }
+        true
     }
 
     /// The next waiting result, if any; the loop calls `Notifier::clear` first.
@@ -134,10 +196,15 @@ impl Pool {
         &self.notifier
     }
 
-    /// Stops taking jobs; threads exit once their current turn ends. Threads still busy
-    /// after the shutdown grace period are left to the process exit.
+    /// Stops taking jobs and drops the queued ones (shutdown cancels every turn anyway);
+    /// threads exit once their current turn ends. Threads still busy after the shutdown
+    /// grace period are left to the process exit.
     pub fn close(&mut self) {
-        self.jobs = None;
+        let mut state = self.queue.lock();
+        state.closed = true;
+        state.jobs.clear();
+        drop(state);
+        self.queue.ready.notify_all();
     }
 
     /// Joins the threads that finish before `deadline` (after [`Pool::close`], an idle
@@ -159,19 +226,12 @@ impl Pool {
 }
 
 fn worker(
-    jobs: Arc<Mutex<Receiver<Job>>>,
+    queue: &JobQueue,
     results: Sender<(TurnKey, TurnEvent)>,
     agent: Arc<dyn Agent>,
     notifier: Notifier,
 ) {
-    loop {
-        let job = {
-            let rx = jobs.lock().unwrap_or_else(|p| p.into_inner());
-            match rx.recv() {
-                Ok(job) => job,
-                Err(_) => return,
-            }
-        };
+    while let Some(job) = queue.take() {
         let key = job.key.clone();
         let sink_tx = results.clone();
         let sink_key = key.clone();
