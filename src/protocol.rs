@@ -145,35 +145,6 @@ pub fn unix_now() -> f64 {
 }
 
 #[derive(Serialize)]
-struct TokenFrame<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    content: &'a str,
-}
-
-#[derive(Serialize)]
-struct Why<'a> {
-    input: &'a str,
-    intermediate_steps: [(); 0],
-    memory: Map<String, Value>,
-}
-
-#[derive(Serialize)]
-struct ChatFrame<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    user_id: &'a str,
-    who: &'static str,
-    text: &'a str,
-    content: &'a str,
-    when: f64,
-    why: Why<'a>,
-    seq: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reply_to: Option<&'a str>,
-}
-
-#[derive(Serialize)]
 struct NoteFrame<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
@@ -189,10 +160,72 @@ struct NoteFrame<'a> {
 
 /// Encodes a `chat_token` preview frame.
 pub fn encode_token(content: &str) -> String {
-    to_json(&TokenFrame {
-        kind: "chat_token",
-        content,
-    })
+    let mut out = String::with_capacity(content.len() + 40);
+    out.push_str("{\"type\":\"chat_token\",\"content\":\"");
+    escape_json_into(&mut out, content);
+    out.push_str("\"}");
+    out
+}
+
+/// Appends `s` as the inside of a JSON string (RFC 8259 §7), byte for byte what
+/// `serde_json` writes: `"` `\\` and control characters escaped (`\n` `\r` `\t` `\b` `\f`,
+/// else `\u00XX`), everything else as it is.
+///
+/// Every reply goes through here two or three times (a `chat` frame carries its text as
+/// `text`, `content` and, for echo, `why.input`), so plain text is skipped over eight bytes
+/// at a time and copied in one piece.
+pub fn escape_json_into(out: &mut String, s: &str) {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    /// Whether any byte of `v` is zero (the classic bit trick: exact for "any").
+    fn has_zero(v: u64) -> bool {
+        v.wrapping_sub(LO) & !v & HI != 0
+    }
+    let bytes = s.as_bytes();
+    let mut start = 0; // first byte not yet copied
+    let mut i = 0;
+    while i < bytes.len() {
+        if let Some(chunk) = bytes.get(i..i + 8) {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            let v = u64::from_le_bytes(word);
+            // A byte below 0x20 has its top three bits clear; '"' and '\\' compare equal.
+            let control = has_zero(v & 0xe0e0_e0e0_e0e0_e0e0);
+            if !control && !has_zero(v ^ (LO * b'"' as u64)) && !has_zero(v ^ (LO * b'\\' as u64)) {
+                i += 8;
+                continue;
+            }
+        }
+        let b = bytes[i];
+        let short = match b {
+            b'"' => Some("\\\""),
+            b'\\' => Some("\\\\"),
+            b'\n' => Some("\\n"),
+            b'\r' => Some("\\r"),
+            b'\t' => Some("\\t"),
+            0x08 => Some("\\b"),
+            0x0c => Some("\\f"),
+            _ => None,
+        };
+        if short.is_none() && b >= 0x20 {
+            i += 1;
+            continue;
+        }
+        // Only ASCII bytes are escaped, so these slice bounds are char boundaries.
+        out.push_str(&s[start..i]);
+        match short {
+            Some(esc) => out.push_str(esc),
+            None => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.push_str("\\u00");
+                out.push(HEX[usize::from(b >> 4)] as char);
+                out.push(HEX[usize::from(b & 0xf)] as char);
+            }
+        }
+        i += 1;
+        start = i;
+    }
+    out.push_str(&s[start..]);
 }
 
 /// Encodes a held frame with its `seq` and, when the client message had one, its `reply_to`.
@@ -204,21 +237,7 @@ pub fn encode_held(
     when: f64,
 ) -> String {
     match frame {
-        Held::Chat { text, input } => to_json(&ChatFrame {
-            kind: "chat",
-            user_id: user.as_str(),
-            who: "AI",
-            text,
-            content: text,
-            when,
-            why: Why {
-                input,
-                intermediate_steps: [],
-                memory: Map::new(),
-            },
-            seq,
-            reply_to,
-        }),
+        Held::Chat { text, input } => encode_chat(user, text, input, when, seq, reply_to),
         Held::Notification(content) => to_json(&NoteFrame {
             kind: "notification",
             name: None,
@@ -238,6 +257,42 @@ pub fn encode_held(
     }
 }
 
+/// The `chat` frame, written by hand rather than through serde so that the reply is
+/// escaped once for both `text` and `content`. Same bytes as serializing [`ChatFrame`],
+/// which a test checks.
+fn encode_chat(
+    user: &UserId,
+    text: &str,
+    input: &str,
+    when: f64,
+    seq: u64,
+    reply_to: Option<&str>,
+) -> String {
+    let mut escaped = String::with_capacity(text.len() + 16);
+    escape_json_into(&mut escaped, text);
+    let mut out = String::with_capacity(2 * escaped.len() + input.len() + 256);
+    out.push_str("{\"type\":\"chat\",\"user_id\":\"");
+    // A UserId is only ever `A-Z a-z 0-9 _ . @ -`: nothing to escape.
+    out.push_str(user.as_str());
+    out.push_str("\",\"who\":\"AI\",\"text\":\"");
+    out.push_str(&escaped);
+    out.push_str("\",\"content\":\"");
+    out.push_str(&escaped);
+    out.push_str("\",\"when\":");
+    out.push_str(&to_json(&when));
+    out.push_str(",\"why\":{\"input\":\"");
+    escape_json_into(&mut out, input);
+    out.push_str("\",\"intermediate_steps\":[],\"memory\":{}},\"seq\":");
+    out.push_str(&seq.to_string());
+    if let Some(id) = reply_to {
+        out.push_str(",\"reply_to\":\"");
+        escape_json_into(&mut out, id);
+        out.push('"');
+    }
+    out.push('}');
+    out
+}
+
 fn to_json<T: Serialize>(value: &T) -> String {
     // Serializing these plain structs cannot fail: every key is a string and no map has
     // non-string keys; the fallback keeps that promise without a panic.
@@ -248,6 +303,36 @@ fn to_json<T: Serialize>(value: &T) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // The serde shapes of the frames written by hand: the reference they must match.
+    #[derive(Serialize)]
+    struct TokenFrame<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        content: &'a str,
+    }
+
+    #[derive(Serialize)]
+    struct Why<'a> {
+        input: &'a str,
+        intermediate_steps: [(); 0],
+        memory: Map<String, Value>,
+    }
+
+    #[derive(Serialize)]
+    struct ChatFrame<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        user_id: &'a str,
+        who: &'static str,
+        text: &'a str,
+        content: &'a str,
+        when: f64,
+        why: Why<'a>,
+        seq: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reply_to: Option<&'a str>,
+    }
 
     #[test]
     fn user_ids() {
@@ -304,5 +389,90 @@ mod tests {
         assert!(v.get("reply_to").is_none());
         let t: Value = serde_json::from_str(&encode_token("Hel")).unwrap();
         assert_eq!(t, serde_json::json!({"type":"chat_token","content":"Hel"}));
+    }
+
+    /// A small deterministic generator, so the checks below are reproducible.
+    fn next(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    fn random_text(state: &mut u64) -> String {
+        const PIECES: &[&str] = &[
+            "a", "plain ", "\"", "\\", "\n", "\r", "\t", "\u{8}", "\u{c}", "\u{0}", "\u{1f}",
+            "\u{7f}", "é", "€", "😺", "/", "<", "'", "\u{2028}", "abcdefgh",
+        ];
+        let len = (next(state) % 40) as usize;
+        (0..len)
+            .map(|_| PIECES[(next(state) % PIECES.len() as u64) as usize])
+            .collect()
+    }
+
+    #[test]
+    fn escaping_matches_serde_json_byte_for_byte() {
+        for b in 0u8..0x80 {
+            let s = (b as char).to_string().repeat(1 + usize::from(b % 11));
+            let mut ours = String::from("\"");
+            escape_json_into(&mut ours, &s);
+            ours.push('"');
+            assert_eq!(ours, serde_json::to_string(&s).unwrap(), "byte {b:#x}");
+        }
+        let mut state = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..5000 {
+            let s = random_text(&mut state);
+            let mut ours = String::from("\"");
+            escape_json_into(&mut ours, &s);
+            ours.push('"');
+            assert_eq!(ours, serde_json::to_string(&s).unwrap(), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn hand_written_frames_match_their_serde_shapes() {
+        let user = UserId::parse("alice").unwrap();
+        let mut state = 42;
+        for i in 0..500u64 {
+            let text = random_text(&mut state);
+            let input = random_text(&mut state);
+            let id = random_text(&mut state);
+            let reply_to = (i % 2 == 0).then_some(id.as_str());
+            let when = if i % 3 == 0 {
+                1_763_900_000.0
+            } else {
+                1_763_900_000.25 + i as f64
+            };
+            let reference = serde_json::to_string(&ChatFrame {
+                kind: "chat",
+                user_id: user.as_str(),
+                who: "AI",
+                text: &text,
+                content: &text,
+                when,
+                why: Why {
+                    input: &input,
+                    intermediate_steps: [],
+                    memory: Map::new(),
+                },
+                seq: i * 7919,
+                reply_to,
+            })
+            .unwrap();
+            let held = Held::Chat {
+                text: text.clone(),
+                input: input.clone(),
+            };
+            assert_eq!(
+                encode_held(&held, &user, i * 7919, reply_to, when),
+                reference
+            );
+            let token = serde_json::to_string(&TokenFrame {
+                kind: "chat_token",
+                content: &text,
+            })
+            .unwrap();
+            assert_eq!(encode_token(&text), token);
+        }
     }
 }

@@ -172,18 +172,33 @@ impl Pool {
 
     /// Queues a turn; `false` once the pool is closed. The queue needs no bound of its own:
     /// a session runs one turn at a time, so it holds at most one job per session.
+    ///
+    /// Idle workers are woken by [`Pool::kick`], once per loop iteration, not here: a
+    /// worker woken per job would preempt the loop for every message of a burst.
     pub fn submit(&self, job: Job) -> bool {
         let mut state = self.queue.lock();
         if state.closed {
             return false;
         }
         state.jobs.push_back(job);
-        let wake = state.idle > 0;
-        drop(state);
-        if wake {
-            self.queue.ready.notify_one();
-        }
         true
+    }
+
+    /// Wakes as many idle workers as there are queued jobs; the loop calls it before it
+    /// sleeps.
+    pub fn kick(&self) {
+        let state = self.queue.lock();
+        let wake = state.idle.min(state.jobs.len());
+        let all = wake == state.idle;
+        drop(state);
+        if wake == 0 {
+        } else if all {
+            self.queue.ready.notify_all();
+        } else {
+            for _ in 0..wake {
+                self.queue.ready.notify_one();
+            }
+        }
     }
 
     /// The next waiting result, if any; the loop calls `Notifier::clear` first.

@@ -269,6 +269,7 @@ impl Server {
             self.serve_read_queue();
             self.run_timers();
             self.flush_all();
+            self.pool.kick();
             if self.stopping.is_none() && self.shutdown_flag.load(Ordering::Acquire) {
                 self.begin_shutdown();
             }
