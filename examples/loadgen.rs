@@ -228,10 +228,27 @@ fn cpu_ns(pid: u32) -> Option<u64> {
     Some(total)
 }
 
+/// User and system CPU time of `pid` (all its threads), in clock ticks (utime and stime
+/// of `/proc/PID/stat`): how much of the server's time is its own code and how much the
+/// kernel's (system calls, TCP).
+fn user_sys_ticks(pid: u32) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace().skip(11);
+    Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
+}
+
 /// Resident memory of `pid`, in KiB.
 fn rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A `KiB` line of `/proc/PID/status`: `VmRSS:` (all resident pages, the shared pages of
+/// libc and the binary included) or `RssAnon:` (the process's own heap and stacks).
+fn status_kib(pid: u32, key: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
@@ -865,6 +882,7 @@ fn run(opts: Opts) -> io::Result<ExitCode> {
     }
     let me = std::process::id();
     let rss_start = pid.and_then(rss_kib);
+    let anon_start = pid.and_then(|p| status_kib(p, "RssAnon:"));
     let mut g = Gen::new(opts)?;
     let mut events = Events::with_capacity(1024);
     let t_open = Instant::now();
@@ -925,6 +943,7 @@ fn run(opts: Opts) -> io::Result<ExitCode> {
                 per / 1024.0
             );
             out["rss_start_kib"] = json!(b);
+            out["anon_start_kib"] = json!(anon_start);
             out["rss_kib"] = json!(a);
             out["bytes_per_conn"] = json!(per.round());
         }
@@ -948,6 +967,7 @@ fn run(opts: Opts) -> io::Result<ExitCode> {
     )?;
     let errors_before = g.counts.errors;
     let server_cpu0 = pid.and_then(cpu_ns);
+    let split0 = pid.and_then(user_sys_ticks);
     let own_cpu0 = cpu_ns(me);
     let t0 = Instant::now();
     g.measuring = true;
@@ -959,6 +979,7 @@ fn run(opts: Opts) -> io::Result<ExitCode> {
     )?;
     let elapsed = t0.elapsed().as_secs_f64();
     let server_cpu1 = pid.and_then(cpu_ns);
+    let split1 = pid.and_then(user_sys_ticks);
     let own_cpu1 = cpu_ns(me);
     g.measuring = false;
     g.stopping = true;
@@ -1014,6 +1035,16 @@ fn run(opts: Opts) -> io::Result<ExitCode> {
         );
         out["server_cpu_us"] = json!(us);
         out["server_util_pct"] = json!(util.round());
+        if let (Some((u0, s0)), Some((u1, s1))) = (split0, split1) {
+            let (user, sys) = (u1.saturating_sub(u0), s1.saturating_sub(s0));
+            let user_share = user as f64 / (user + sys).max(1) as f64;
+            println!(
+                "  of which user space:   {:.2} us ({:.0} %; the rest is the kernel)",
+                us * user_share,
+                user_share * 100.0
+            );
+            out["server_user_us"] = json!(us * user_share);
+        }
     }
     if let (Some(a), Some(b)) = (own_cpu0, own_cpu1) {
         let us = (b - a) as f64 / 1000.0 / done.max(1) as f64;

@@ -118,6 +118,12 @@ pub struct Conn {
 /// The socket under tungstenite, counting the bytes the kernel accepted, so the server
 /// knows how much the client has left unread without reaching into tungstenite's buffer.
 ///
+/// Reads take up to [`SCRATCH_BYTES`] from the kernel at once into a buffer the loop
+/// thread shares between all connections, although tungstenite asks for at most
+/// [`READ_BUFFER_BYTES`]: a client with eight 1 KiB messages in flight costs one `read`
+/// rather than five. What tungstenite did not take yet waits in a per-connection stash,
+/// which is freed once emptied, so an idle connection still holds no more than before.
+///
 /// It also saves the `read` that would only say `WouldBlock`: a read that returns less than
 /// was asked for emptied the kernel's receive queue, and with edge-triggered readiness any
 /// byte that arrives after it raises a new readable event (which calls
@@ -132,17 +138,81 @@ pub struct Counted {
     drained: bool,
     /// A hang-up or error event was seen: reads always go to the kernel.
     hung_up: bool,
+    /// Bytes read from the kernel that tungstenite has not taken yet (from `stash_at`).
+    stash: Vec<u8>,
+    /// How much of `stash` tungstenite has taken.
+    stash_at: usize,
+}
+
+/// Bytes read from the kernel per `read` call: a few messages' worth. Also the most a
+/// connection keeps in its stash between two loop iterations (a flooding client whose read
+/// budget ran out), the same order as tungstenite's own buffer for one large message.
+pub const SCRATCH_BYTES: usize = 16 * 1024;
+
+thread_local! {
+    /// The loop thread's read buffer, shared by every connection.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice());
+}
+
+impl Counted {
+    fn new(inner: TcpStream) -> Counted {
+        Counted {
+            inner,
+            written: 0,
+            drained: false,
+            hung_up: false,
+            stash: Vec::new(),
+            stash_at: 0,
+        }
+    }
+
+    /// Reads from the kernel, straight into `buf` when it is large, else through the
+    /// scratch buffer.
+    fn read_kernel(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.len() >= SCRATCH_BYTES {
+            let n = self.inner.read(buf)?;
+            self.drained = n > 0 && n < buf.len();
+            return Ok(n);
+        }
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let n = self.inner.read(&mut scratch[..])?;
+            self.drained = n > 0 && n < scratch.len();
+            let give = n.min(buf.len());
+            buf[..give].copy_from_slice(&scratch[..give]);
+            if n > give {
+                self.stash.clear();
+                self.stash.extend_from_slice(&scratch[give..n]);
+                self.stash_at = 0;
+            }
+            Ok(give)
+        })
+    }
 }
 
 impl Read for Counted {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.drained && !self.hung_up && !buf.is_empty() {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.stash_at < self.stash.len() {
+            let rest = &self.stash[self.stash_at..];
+            let give = rest.len().min(buf.len());
+            buf[..give].copy_from_slice(&rest[..give]);
+            self.stash_at += give;
+            if self.stash_at == self.stash.len() {
+                // Emptied: give the memory back, an idle connection keeps none.
+                self.stash = Vec::new();
+                self.stash_at = 0;
+            }
+            return Ok(give);
+        }
+        if self.drained && !self.hung_up {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        let n = self.inner.read(buf)?;
         // n == 0 is the end of the stream, which every later read must see too.
-        self.drained = n > 0 && n < buf.len();
-        Ok(n)
+        self.read_kernel(buf)
     }
 }
 
@@ -449,12 +519,7 @@ impl Conn {
         self.phase = match phase {
             Phase::Handshake { stream, .. } | Phase::Respond { stream, .. } => {
                 Phase::Open(Box::new(WebSocket::from_partially_read(
-                    Counted {
-                        inner: stream,
-                        written: 0,
-                        drained: false,
-                        hung_up: false,
-                    },
+                    Counted::new(stream),
                     rest,
                     Role::Server,
                     Some(config),
