@@ -56,7 +56,7 @@ def main(src, dst):
     for e in range(y0, y1 + 1):
         y = py(10 ** e)
         v = 10 ** e
-        label = f"{v:g} MiB" if v < 1024 else f"{v / 1024:g} GiB"
+        label = f"{v:,} MiB"
         out.append(f'<line x1="{LEFT}" y1="{y:.1f}" x2="{LEFT + pw}" y2="{y:.1f}" stroke="#ddd"/>')
         out.append(f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{label}</text>')
     out.append(f'<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>')
