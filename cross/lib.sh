@@ -284,3 +284,42 @@ cross_env() {
         export "CARGO_TARGET_${up}_RUNNER=$(qemu_for "$t") -L $QEMU_SYSROOT"
     done
 }
+
+# GET $2 from 127.0.0.1:$1 with bash's /dev/tcp (a fresh Debian has no curl); prints the
+# response.
+http_get() {
+    exec 3<>"/dev/tcp/127.0.0.1/$1" || return 1
+    printf 'GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n' "$2" >&3
+    timeout 5 cat <&3
+    exec 3<&-
+}
+
+# Starts "$@" in the background, each "{port}" in its words replaced by a random port on
+# 127.0.0.1 and its stderr in the file $1, until GET /health answers: at most 10 s a try
+# and five ports (one may be taken). Sets the globals pid and port; fails when no try works.
+start_healthy() {
+    local log=$1 try p word args
+    shift
+    port=""
+    for try in 1 2 3 4 5; do
+        p=$((20000 + RANDOM % 30000))
+        args=()
+        for word in "$@"; do args+=("${word//\{port\}/$p}"); done
+        "${args[@]}" 2>"$log" &
+        pid=$!
+        for _ in $(seq 100); do
+            if http_get "$p" /health 2>/dev/null | grep -q '"status":"ok"'; then
+                port=$p
+                return 0
+            fi
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+        pid=""
+        echo "attempt $try on port $p failed:" >&2
+        cat "$log" >&2
+    done
+    return 1
+}

@@ -16,10 +16,21 @@ cd "$(dirname "$0")/.."
 # shellcheck source=cross/lib.sh
 . cross/lib.sh
 
-# Registers qemu-$1 (aarch64, arm) with binfmt_misc unless it already is.
+# Whether binfmt_misc's entry for qemu-$1 is enabled and its interpreter is there.
+binfmt_ok() {
+    local entry=/proc/sys/fs/binfmt_misc/qemu-$1 interp
+    [ -e "$entry" ] || return 1
+    interp=$(awk '$1 == "interpreter" { print $2 }' "$entry")
+    grep -qx enabled "$entry" && [ -x "$interp" ]
+}
+
+# Registers qemu-$1 (aarch64, arm) with binfmt_misc unless a working entry is there. An
+# entry left by another qemu-user-binfmt (a removed or replaced package) names an
+# interpreter that no longer exists, and every spawned ARM binary would fail with ENOENT:
+# such an entry is removed and made again.
 ensure_binfmt() {
     local dir=/proc/sys/fs/binfmt_misc conf=/usr/lib/binfmt.d/qemu-$1.conf
-    [ -e "$dir/qemu-$1" ] && return 0
+    binfmt_ok "$1" && return 0
     if [ ! -e "$dir/register" ]; then
         as_root mount -t binfmt_misc binfmt_misc "$dir" ||
             die "binfmt_misc is not available: the integration tests cannot spawn ARM binaries"
@@ -28,18 +39,15 @@ ensure_binfmt() {
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
             qemu-user-binfmt >&2
     fi
-    [ -e "$dir/qemu-$1" ] && return 0
+    binfmt_ok "$1" && return 0
+    if [ -e "$dir/qemu-$1" ]; then
+        log "removing a stale binfmt_misc entry for qemu-$1"
+        echo -1 | as_root tee "$dir/qemu-$1" >/dev/null || die "could not remove it"
+    fi
     log "registering qemu-$1 with binfmt_misc"
     grep -v '^#' "$conf" | as_root tee "$dir/register" >/dev/null ||
         die "could not register qemu-$1 with binfmt_misc"
-}
-
-# GET $2 from 127.0.0.1:$1 with bash's /dev/tcp; prints the response.
-http_get() {
-    exec 3<>"/dev/tcp/127.0.0.1/$1" || return 1
-    printf 'GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n' "$2" >&3
-    timeout 5 cat <&3
-    exec 3<&-
+    binfmt_ok "$1" || die "qemu-$1's binfmt_misc entry does not work after registering it"
 }
 
 install_toolchain
@@ -64,25 +72,9 @@ bin=target/armv7-unknown-linux-gnueabihf/release/straycat
 env -u RUSTC cargo build --locked --quiet --example chat
 pid=""
 trap '[ -z "$pid" ] || kill "$pid" 2>/dev/null || true' EXIT
-port=""
-for try in 1 2 3 4 5; do
-    p=$((20000 + RANDOM % 30000))
-    qemu-arm -L "$QEMU_SYSROOT" "$bin" --listen "127.0.0.1:$p" --log-level info \
-        2>target/armv7-smoke.log &
-    pid=$!
-    for _ in $(seq 100); do
-        if http_get "$p" /health 2>/dev/null | grep -q '"status":"ok"'; then port=$p; break; fi
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    [ -n "$port" ] && break
-    kill "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    pid=""
-    echo "attempt $try on port $p failed:" >&2
-    cat target/armv7-smoke.log >&2
-done
-[ -n "$port" ] || die "the armv7 binary never answered /health"
+start_healthy target/armv7-smoke.log \
+    qemu-arm -L "$QEMU_SYSROOT" "$bin" --listen "127.0.0.1:{port}" --log-level info ||
+    die "the armv7 binary never answered /health"
 echo "GET /health: $(http_get "$port" /health | tail -n 1)"
 reply=$(echo "hello from the pi" | timeout 20 target/debug/examples/chat "ws://127.0.0.1:$port/ws/smoke")
 echo "chat reply: $reply"

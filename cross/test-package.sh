@@ -32,15 +32,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# GET $2 from 127.0.0.1:$1 with bash's /dev/tcp (a fresh Debian has no curl); prints the
-# response.
-http_get() {
-    exec 3<>"/dev/tcp/127.0.0.1/$1" || return 1
-    printf 'GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n' "$2" >&3
-    timeout 5 cat <&3
-    exec 3<&-
-}
-
 log "dpkg -i $deb"
 dpkg -i "$deb"
 for f in /usr/bin/straycat /lib/systemd/system/straycat.service \
@@ -68,24 +59,9 @@ echo "$out"
 mapfile -t opts < <(sed -n 's/^#\(STRAYCAT_[A-Z_]*=.*\)$/\1/p' /etc/default/straycat |
     grep -v '^STRAYCAT_LISTEN=')
 [ ${#opts[@]} -ge 17 ] || die "expected every option in /etc/default/straycat, found ${#opts[@]}"
-port=""
-for try in 1 2 3 4 5; do
-    p=$((20000 + RANDOM % 30000))
-    env "${opts[@]}" STRAYCAT_LISTEN="127.0.0.1:$p" /usr/bin/straycat 2>target/debian/test-package.log &
-    pid=$!
-    for _ in $(seq 50); do
-        if http_get "$p" /health 2>/dev/null | grep -q '"status":"ok"'; then port=$p; break; fi
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    [ -n "$port" ] && break
-    kill "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    pid=""
-    echo "attempt $try on port $p failed:" >&2
-    cat target/debian/test-package.log >&2
-done
-[ -n "$port" ] || die "the installed straycat never answered /health"
+start_healthy target/debian/test-package.log \
+    env "${opts[@]}" STRAYCAT_LISTEN="127.0.0.1:{port}" /usr/bin/straycat ||
+    die "the installed straycat never answered /health"
 log "GET http://127.0.0.1:$port/health"
 http_get "$port" /health | tail -n 1
 echo

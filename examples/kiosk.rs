@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use straycat::agent::Who;
 use straycat::config::{self, Command};
-use straycat::systemd::{self, SdNotify};
+use straycat::systemd;
 use straycat::{Agent, AgentError, Server, Turn, TurnOutput};
 
 /// The kiosk's browser runs on the same device, so by default the chat is not offered to the
@@ -290,34 +290,11 @@ fn main() -> ExitCode {
     // Under a `Type=notify` unit with `WatchdogSec=` (like cross/straycat.service, with
     // ExecStart= pointed here) systemd waits for READY=1 and kills a silent loop; outside
     // systemd NOTIFY_SOCKET is unset and this does nothing.
-    let notify = match SdNotify::from_env() {
-        Some(Ok(n)) => Some(n),
-        Some(Err(e)) => {
-            eprintln!("kiosk: NOTIFY_SOCKET is set but unusable ({e}); not notifying systemd");
-            None
-        }
-        None => None,
-    };
-    let server = server.with_systemd(notify, systemd::watchdog_interval());
+    let server = server.with_systemd(systemd::notifier(), systemd::watchdog_interval());
 
-    // Signals are read on a thread of their own (signal-hook), which only asks the event
-    // loop to stop: the loop then closes every socket with 1001 and `run` returns.
-    let handle = server.shutdown_handle();
-    let signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ]);
-    let spawned = signals.and_then(|mut signals| {
-        std::thread::Builder::new()
-            .name("kiosk-signals".into())
-            .spawn(move || {
-                if let Some(sig) = signals.forever().next() {
-                    log::info!("signal {sig} received");
-                    handle.shutdown();
-                }
-            })
-    });
-    if let Err(e) = spawned {
+    // SIGTERM or SIGINT asks the loop to stop: it closes every socket with 1001 and `run`
+    // returns.
+    if let Err(e) = server.shutdown_handle().on_termination_signals() {
         eprintln!("kiosk: cannot install signal handlers: {e}");
         return ExitCode::FAILURE;
     }

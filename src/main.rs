@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 use straycat::config::{self, Command, Config};
-use straycat::systemd::{self, SdNotify};
+use straycat::systemd;
 use straycat::{EchoAgent, Server};
 
 fn main() -> ExitCode {
@@ -33,23 +33,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let handle = server.shutdown_handle();
-    let signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ]);
-    let spawned = signals.and_then(|mut signals| {
-        std::thread::Builder::new()
-            .name("straycat-signals".into())
-            .stack_size(64 * 1024)
-            .spawn(move || {
-                if let Some(sig) = signals.forever().next() {
-                    log::info!("signal {sig} received");
-                    handle.shutdown();
-                }
-            })
-    });
-    if let Err(e) = spawned {
+    if let Err(e) = server.shutdown_handle().on_termination_signals() {
         log::error!("cannot install signal handlers: {e}");
         return ExitCode::FAILURE;
     }
@@ -77,15 +61,7 @@ fn build_server(config: Config) -> Result<Server, String> {
         let listen = config.listen;
         Server::bind(config, agent).map_err(|e| format!("cannot listen on {listen}: {e}"))?
     };
-    let notify = match SdNotify::from_env() {
-        Some(Ok(n)) => Some(n),
-        Some(Err(e)) => {
-            log::warn!("NOTIFY_SOCKET is set but unusable: {e}");
-            None
-        }
-        None => None,
-    };
-    Ok(server.with_systemd(notify, systemd::watchdog_interval()))
+    Ok(server.with_systemd(systemd::notifier(), systemd::watchdog_interval()))
 }
 
 /// Takes file descriptor 3, the first socket of sd_listen_fds(3).

@@ -14,6 +14,19 @@ pub struct SdNotify {
     addr: SocketAddr,
 }
 
+/// The service manager's notification socket when run by systemd: `None` without
+/// `NOTIFY_SOCKET`, and also (with a warning) when it is set but unusable, because a server
+/// that cannot report readiness should still serve.
+pub fn notifier() -> Option<SdNotify> {
+    match SdNotify::from_env()? {
+        Ok(n) => Some(n),
+        Err(e) => {
+            log::warn!("NOTIFY_SOCKET is set but unusable, not notifying systemd: {e}");
+            None
+        }
+    }
+}
+
 impl SdNotify {
     /// From `NOTIFY_SOCKET` (a path, or `@name` for the abstract namespace); `None` when
     /// unset, as when not run by systemd.

@@ -73,6 +73,27 @@ impl ShutdownHandle {
         self.flag.store(true, Ordering::Release);
         self.notifier.wake();
     }
+
+    /// Starts the graceful shutdown on the first SIGTERM or SIGINT. The signals are read on
+    /// a small thread of their own (signal-hook), which only calls [`ShutdownHandle::shutdown`]:
+    /// nothing runs in a signal handler but signal-hook's own.
+    pub fn on_termination_signals(&self) -> io::Result<()> {
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGINT,
+        ])?;
+        let handle = self.clone();
+        std::thread::Builder::new()
+            .name("straycat-signals".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    info!("signal {sig} received");
+                    handle.shutdown();
+                }
+            })
+            .map(|_| ())
+    }
 }
 
 /// Something with a deadline.
