@@ -36,6 +36,9 @@ pub struct Config {
     pub history_turns: usize,
     /// Frames with a `seq` a session keeps for delivery and replay.
     pub max_held_frames: usize,
+    /// Bytes of encoded frames a session keeps for delivery and replay: with 64 KiB
+    /// messages, 256 frames alone could hold 50 MiB per session.
+    pub max_held_bytes: usize,
     /// Sessions kept at once; past it the longest-idle detached session is dropped.
     pub max_sessions: usize,
     /// Time a client has to finish its HTTP upgrade request.
@@ -63,6 +66,7 @@ impl Default for Config {
             session_ttl: Duration::from_secs(3600),
             history_turns: 20,
             max_held_frames: 256,
+            max_held_bytes: 1024 * 1024,
             max_sessions: 4096,
             handshake_timeout: Duration::from_secs(10),
             raw_echo: false,
@@ -189,6 +193,12 @@ const OPTS: &[Opt] = &[
         value: "N",
         default: "256",
         help: "frames kept per session for delivery and replay",
+    },
+    Opt {
+        name: "max-held-bytes",
+        value: "B",
+        default: "1048576",
+        help: "bytes of frames kept per session (the newest frame always stays)",
     },
     Opt {
         name: "max-sessions",
@@ -351,6 +361,7 @@ fn apply(cfg: &mut Config, opt: &Opt, value: &str, origin: &str) -> Result<(), C
         "session-ttl-secs" => cfg.session_ttl = secs(1)?,
         "history-turns" => cfg.history_turns = size(0)?,
         "max-held-frames" => cfg.max_held_frames = size(1)?,
+        "max-held-bytes" => cfg.max_held_bytes = size(1024)?,
         "max-sessions" => cfg.max_sessions = size(1)?,
         "handshake-timeout-secs" => cfg.handshake_timeout = secs(1)?,
         "raw-echo" => {

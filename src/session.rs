@@ -28,6 +28,8 @@ pub struct Limits {
     pub history_turns: usize,
     /// Frames with a seq kept for delivery and replay.
     pub max_held_frames: usize,
+    /// Bytes of those frames kept; the newest frame stays even if it alone is larger.
+    pub max_held_bytes: usize,
     /// Turns that may wait behind the running one.
     pub max_queued_turns: usize,
     /// Longest a turn may run.
@@ -100,6 +102,8 @@ pub struct Session {
     conn: Option<ConnId>,
     history: VecDeque<HistoryEntry>,
     held: VecDeque<HeldFrame>,
+    /// Bytes of the frames in `held`.
+    held_bytes: usize,
     next_seq: u64,
     /// Every frame with a seq up to this one reached the kernel of some socket.
     handed_upto: u64,
@@ -117,6 +121,7 @@ impl Session {
             conn: None,
             history: VecDeque::new(),
             held: VecDeque::new(),
+            held_bytes: 0,
             next_seq: 1,
             handed_upto: 0,
             running: None,
@@ -211,14 +216,19 @@ impl Session {
         let seq = self.next_seq;
         self.next_seq += 1;
         let text = Utf8Bytes::from(encode_held(&frame, &self.user, seq, reply_to, now.unix));
+        self.held_bytes += text.len();
         self.held.push_back(HeldFrame {
             seq,
             text: text.clone(),
         });
-        while self.held.len() > limits.max_held_frames.max(1) {
-            if let Some(old) = self.held.pop_front()
-                && old.seq > self.handed_upto
-            {
+        while self.held.len() > limits.max_held_frames.max(1)
+            || (self.held_bytes > limits.max_held_bytes && self.held.len() > 1)
+        {
+            let Some(old) = self.held.pop_front() else {
+                break;
+            };
+            self.held_bytes -= old.text.len();
+            if old.seq > self.handed_upto {
                 warn!(
                     "user={} held frames full: dropping undelivered frame seq={}",
                     self.user, old.seq
@@ -445,6 +455,7 @@ mod tests {
     const LIMITS: Limits = Limits {
         history_turns: 2,
         max_held_frames: 4,
+        max_held_bytes: 1 << 20,
         max_queued_turns: 1,
         turn_timeout: Duration::from_secs(5),
     };
@@ -481,6 +492,57 @@ mod tests {
         s.start_next(turn_id, &LIMITS, t).unwrap();
         s.finish(turn_id, Ok(text.to_uppercase()), &LIMITS, t)
             .unwrap()
+    }
+
+    #[test]
+    fn held_frames_are_bounded_in_bytes_and_the_newest_always_stays() {
+        let t0 = Instant::now();
+        // A chat frame carries its 300-byte text three times: about 1.1 KB each.
+        let limits = Limits {
+            max_held_frames: 100,
+            max_held_bytes: 3000,
+            ..LIMITS
+        };
+        let mut s = Session::new(UserId::default_user(), t0);
+        let text = "x".repeat(300);
+        for turn_id in 1..=5 {
+            let t = now(t0, turn_id);
+            assert!(matches!(
+                s.accept(msg(&text, None), &limits, t),
+                Accepted::Queued
+            ));
+            s.start_next(turn_id, &limits, t).unwrap();
+            s.finish(turn_id, Ok(text.clone()), &limits, t).unwrap();
+        }
+        assert!(s.held_bytes <= 3000, "{} bytes held", s.held_bytes);
+        let (_, frames) = s.attach(conn(0, 1), Some(0), &limits, now(t0, 9));
+        let kinds: Vec<(String, u64)> = frames
+            .iter()
+            .map(|f| {
+                let v = json(f);
+                let kind = v["name"].as_str().or(v["type"].as_str()).unwrap_or("");
+                (kind.to_string(), v["seq"].as_u64().unwrap_or(0))
+            })
+            .collect();
+        assert_eq!(kinds[0].0, "ResumeGap", "{kinds:?}");
+        let chats: Vec<u64> = kinds[1..].iter().map(|(_, seq)| *seq).collect();
+        assert_eq!(chats, [4, 5], "the two newest fit in 3000 bytes");
+
+        // One frame larger than the bound is still held: the newest always stays.
+        let tiny = Limits {
+            max_held_bytes: 100,
+            ..limits
+        };
+        let mut s = Session::new(UserId::default_user(), t0);
+        assert!(matches!(
+            s.accept(msg(&text, None), &tiny, now(t0, 0)),
+            Accepted::Queued
+        ));
+        s.start_next(1, &tiny, now(t0, 0)).unwrap();
+        s.finish(1, Ok(text.clone()), &tiny, now(t0, 0)).unwrap();
+        let (_, frames) = s.attach(conn(0, 1), Some(0), &tiny, now(t0, 1));
+        assert_eq!(frames.len(), 1);
+        assert_eq!(json(&frames[0])["seq"].as_u64(), Some(1));
     }
 
     #[test]

@@ -231,3 +231,29 @@ fn resume_beyond_held_frames_yields_resume_gap_first() {
     assert_chat(&chat, user, "after", None);
     assert!(server.wait_log(&format!("user={user}"), Duration::from_secs(5)));
 }
+
+#[test]
+fn held_frames_are_bounded_in_bytes_too() {
+    // A chat frame carries its 1,000-character text three times: about 3.2 KB, so a
+    // 4 KiB bound holds one of them.
+    let server = Server::start(&["--max-held-bytes", "4096"]);
+    let user = "bytes";
+    let mut c = server.connect(user, "");
+    for i in 1..=3u64 {
+        let text = format!("m{i}{}", "x".repeat(1000));
+        c.say(&text, None);
+        let (_, chat) = c.recv_until_chat();
+        assert_eq!(seq(&chat), i);
+    }
+    c.close();
+
+    let mut c = server.connect(user, "?since=0");
+    assert_error(&c.recv_json(), "ResumeGap");
+    let v = c.recv_json();
+    assert_eq!(v["type"], "chat", "{v}");
+    assert_eq!(seq(&v), 3, "only the newest fits: {v}");
+    c.say("after", None);
+    let (tokens, chat) = c.recv_until_chat();
+    assert_eq!(tokens, words("after"), "nothing else replayed");
+    assert_chat(&chat, user, "after", None);
+}

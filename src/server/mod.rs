@@ -170,6 +170,7 @@ impl Server {
         let limits = Limits {
             history_turns: config.history_turns,
             max_held_frames: config.max_held_frames,
+            max_held_bytes: config.max_held_bytes,
             max_queued_turns: config.max_queued_turns,
             turn_timeout: config.turn_timeout,
         };
