@@ -308,7 +308,9 @@ start_healthy() {
         "${args[@]}" 2>"$log" &
         pid=$!
         for _ in $(seq 100); do
-            if http_get "$p" /health 2>/dev/null | grep -q '"status":"ok"'; then
+            # Ours must still be running: another server may hold the port.
+            if http_get "$p" /health 2>/dev/null | grep -q '"status":"ok"' &&
+                kill -0 "$pid" 2>/dev/null; then
                 port=$p
                 return 0
             fi

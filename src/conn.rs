@@ -105,6 +105,9 @@ pub struct Conn {
     pub session_epoch: u64,
     /// The peer broke the protocol: we only send our close frame and drain what arrives.
     failed: bool,
+    /// A hang-up or error event was seen, in any phase: handed to [`Counted`] at the
+    /// upgrade, because the one edge-triggered event for it may have come before.
+    hung_up: bool,
     /// Bytes of WebSocket frames handed to tungstenite (resynchronised with what the
     /// kernel took at every complete flush).
     queued: u64,
@@ -156,12 +159,12 @@ thread_local! {
 }
 
 impl Counted {
-    fn new(inner: TcpStream) -> Counted {
+    fn new(inner: TcpStream, hung_up: bool) -> Counted {
         Counted {
             inner,
             written: 0,
             drained: false,
-            hung_up: false,
+            hung_up,
             stash: Vec::new(),
             stash_at: 0,
         }
@@ -310,6 +313,7 @@ impl Conn {
             refusing: false,
             session_epoch: 0,
             failed: false,
+            hung_up: false,
             queued: 0,
             max_unsent: u64::MAX,
             in_flight: VecDeque::new(),
@@ -370,10 +374,11 @@ impl Conn {
     /// A readable event arrived (`hung_up`: with the peer's hang-up or an error): the socket
     /// must be read again.
     pub fn readable_again(&mut self, hung_up: bool) {
+        self.hung_up |= hung_up;
         if let Phase::Open(ws) | Phase::Closing(ws) = &mut self.phase {
             let counted = ws.get_mut();
             counted.drained = false;
-            counted.hung_up |= hung_up;
+            counted.hung_up = self.hung_up;
         }
     }
 
@@ -519,7 +524,7 @@ impl Conn {
         self.phase = match phase {
             Phase::Handshake { stream, .. } | Phase::Respond { stream, .. } => {
                 Phase::Open(Box::new(WebSocket::from_partially_read(
-                    Counted::new(stream),
+                    Counted::new(stream, self.hung_up),
                     rest,
                     Role::Server,
                     Some(config),

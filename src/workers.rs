@@ -240,6 +240,14 @@ impl Pool {
     }
 }
 
+impl Drop for Pool {
+    /// A pool dropped without [`Pool::close`] (a server that failed, or one built and never
+    /// run) must not leave its workers waiting for jobs forever.
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
 fn worker(
     queue: &JobQueue,
     results: Sender<(TurnKey, TurnEvent)>,

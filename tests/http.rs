@@ -3,6 +3,8 @@
 mod common;
 
 use common::*;
+use std::io::{Read, Write};
+use std::time::Duration;
 use tungstenite::Message;
 
 #[test]
@@ -167,4 +169,51 @@ fn echo_returns_text_and_binary_with_raw_echo() {
     let mut chat = server.connect("beside", "");
     chat.say("hi", None);
     chat.recv_until_chat();
+}
+
+/// A client that sends its upgrade request and frames and then half-closes, all before the
+/// server looks at the socket: its one hang-up event arrives while the request is being
+/// read, and the end of stream must still be seen after the upgrade (else the socket would
+/// stay open until the heartbeat, 40 s with the defaults). The server must end it.
+#[test]
+fn half_close_right_after_pipelined_frames_still_ends_the_connection() {
+    let server = Server::start(&["--raw-echo"]);
+    let addr = server.addr();
+    let mut s = tcp(addr);
+    let mut bytes = upgrade_request(addr, "/echo").into_bytes();
+    let payload = "p".repeat(300);
+    for _ in 0..6 {
+        write_frame(&mut bytes, OP_TEXT, payload.as_bytes()).expect("frame into a Vec");
+    }
+    s.write_all(&bytes).expect("request and frames");
+    s.shutdown(std::net::Shutdown::Write).expect("half-close");
+    s.set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("read timeout");
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).expect("response head"), 1, "EOF in the head");
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{:?}",
+        String::from_utf8_lossy(&head)
+    );
+    // The echoes may or may not come before it: a peer that vanishes without a close
+    // frame has its socket dropped with whatever was still unsent (chat frames stay held
+    // for the next socket; see tests/sessions.rs).
+    let mut echoes = 0;
+    loop {
+        match read_frame(&mut s) {
+            Ok(None) => break,
+            Ok(Some((_, OP_TEXT, p))) => {
+                assert_eq!(p, payload.as_bytes());
+                echoes += 1;
+            }
+            Ok(Some(_)) => {}
+            Err(e) => panic!("no end of stream within 15 s after {echoes} echoes: {e}"),
+        }
+    }
+    assert!(echoes <= 6);
 }
