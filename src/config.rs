@@ -39,6 +39,9 @@ pub struct Config {
     /// Bytes of encoded frames a session keeps for delivery and replay: with 64 KiB
     /// messages, 256 frames alone could hold 50 MiB per session.
     pub max_held_bytes: usize,
+    /// Bytes of held frames across all sessions: past it the sessions holding the most give
+    /// up their oldest frames, so that many sessions cannot add up past a small board's memory.
+    pub max_held_bytes_total: usize,
     /// Sessions kept at once; past it the longest-idle detached session is dropped.
     pub max_sessions: usize,
     /// Time a client has to finish its HTTP upgrade request.
@@ -67,6 +70,7 @@ impl Default for Config {
             history_turns: 20,
             max_held_frames: 256,
             max_held_bytes: 1024 * 1024,
+            max_held_bytes_total: 64 * 1024 * 1024,
             max_sessions: 4096,
             handshake_timeout: Duration::from_secs(10),
             raw_echo: false,
@@ -199,6 +203,12 @@ const OPTS: &[Opt] = &[
         value: "B",
         default: "1048576",
         help: "bytes of frames kept per session (the newest frame always stays)",
+    },
+    Opt {
+        name: "max-held-bytes-total",
+        value: "B",
+        default: "67108864",
+        help: "bytes of frames kept by all sessions together; past it the largest give way",
     },
     Opt {
         name: "max-sessions",
@@ -362,6 +372,7 @@ fn apply(cfg: &mut Config, opt: &Opt, value: &str, origin: &str) -> Result<(), C
         "history-turns" => cfg.history_turns = size(0)?,
         "max-held-frames" => cfg.max_held_frames = size(1)?,
         "max-held-bytes" => cfg.max_held_bytes = size(1024)?,
+        "max-held-bytes-total" => cfg.max_held_bytes_total = size(1024)?,
         "max-sessions" => cfg.max_sessions = size(1)?,
         "handshake-timeout-secs" => cfg.handshake_timeout = secs(1)?,
         "raw-echo" => {

@@ -8,6 +8,7 @@ use crate::protocol::{ClientMessage, ErrorName, Held, UserId, encode_held, encod
 use log::warn;
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tungstenite::Utf8Bytes;
 
@@ -104,6 +105,9 @@ pub struct Session {
     held: VecDeque<HeldFrame>,
     /// Bytes of the frames in `held`.
     held_bytes: usize,
+    /// Where `held_bytes` is also counted: the server's total across sessions (see
+    /// [`Session::count_held_in`]), or a counter of this session's own.
+    held_total: Arc<AtomicUsize>,
     next_seq: u64,
     /// Every frame with a seq up to this one reached the kernel of some socket.
     handed_upto: u64,
@@ -122,6 +126,7 @@ impl Session {
             history: VecDeque::new(),
             held: VecDeque::new(),
             held_bytes: 0,
+            held_total: Arc::default(),
             next_seq: 1,
             handed_upto: 0,
             running: None,
@@ -217,6 +222,7 @@ impl Session {
         self.next_seq += 1;
         let text = Utf8Bytes::from(encode_held(&frame, &self.user, seq, reply_to, now.unix));
         self.held_bytes += text.len();
+        self.held_total.fetch_add(text.len(), Ordering::Relaxed);
         self.held.push_back(HeldFrame {
             seq,
             text: text.clone(),
@@ -224,16 +230,7 @@ impl Session {
         while self.held.len() > limits.max_held_frames.max(1)
             || (self.held_bytes > limits.max_held_bytes && self.held.len() > 1)
         {
-            let Some(old) = self.held.pop_front() else {
-                break;
-            };
-            self.held_bytes -= old.text.len();
-            if old.seq > self.handed_upto {
-                warn!(
-                    "user={} held frames full: dropping undelivered frame seq={}",
-                    self.user, old.seq
-                );
-            }
+            self.drop_oldest("held frames full");
         }
         Outgoing {
             seq: Some(seq),
@@ -414,6 +411,49 @@ impl Session {
             .then_some(self.idle_since)
     }
 
+    /// Counts this session's held bytes into `total` too: the server's budget across all
+    /// sessions. The count leaves `total` again as frames go and when the session is dropped.
+    pub fn count_held_in(&mut self, total: Arc<AtomicUsize>) {
+        self.held_total
+            .fetch_sub(self.held_bytes, Ordering::Relaxed);
+        total.fetch_add(self.held_bytes, Ordering::Relaxed);
+        self.held_total = total;
+    }
+
+    /// Bytes of the frames this session holds.
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes
+    }
+
+    /// Frames this session holds.
+    pub fn held_frames(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Drops the oldest held frame to make room for other sessions, but never the newest
+    /// one (a reply just finished must reach its user); `false` when nothing could go.
+    pub fn shed_oldest(&mut self) -> bool {
+        if self.held.len() < 2 {
+            return false;
+        }
+        self.drop_oldest("server-wide held bytes full");
+        true
+    }
+
+    fn drop_oldest(&mut self, why: &str) {
+        let Some(old) = self.held.pop_front() else {
+            return;
+        };
+        self.held_bytes -= old.text.len();
+        self.held_total.fetch_sub(old.text.len(), Ordering::Relaxed);
+        if old.seq > self.handed_upto {
+            warn!(
+                "user={} {why}: dropping undelivered frame seq={}",
+                self.user, old.seq
+            );
+        }
+    }
+
     /// Held frames no socket was handed.
     pub fn undelivered(&self) -> usize {
         self.held
@@ -444,6 +484,13 @@ impl Session {
         while self.history.len() > limits.history_turns * 2 {
             self.history.pop_front();
         }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.held_total
+            .fetch_sub(self.held_bytes, Ordering::Relaxed);
     }
 }
 
@@ -543,6 +590,41 @@ mod tests {
         let (_, frames) = s.attach(conn(0, 1), Some(0), &tiny, now(t0, 1));
         assert_eq!(frames.len(), 1);
         assert_eq!(json(&frames[0])["seq"].as_u64(), Some(1));
+    }
+
+    #[test]
+    fn held_bytes_are_counted_in_the_shared_total_until_the_session_goes() {
+        let t0 = Instant::now();
+        let total = Arc::new(AtomicUsize::new(0));
+        let mut a = Session::new(UserId::parse("a").unwrap(), t0);
+        a.count_held_in(Arc::clone(&total));
+        let mut b = Session::new(UserId::parse("b").unwrap(), t0);
+        b.count_held_in(Arc::clone(&total));
+        for turn_id in 1..=3 {
+            answer(&mut a, "hello", None, turn_id, now(t0, turn_id));
+        }
+        answer(&mut b, "hi", None, 9, now(t0, 9));
+        let sum = a.held_bytes() + b.held_bytes();
+        assert_eq!(total.load(Ordering::Relaxed), sum);
+        assert_eq!(a.held_frames(), 3);
+
+        // Shedding takes the oldest and never the newest frame.
+        assert!(a.shed_oldest());
+        assert!(a.shed_oldest());
+        assert!(!a.shed_oldest(), "the newest frame stays");
+        assert_eq!(a.held_frames(), 1);
+        assert_eq!(
+            total.load(Ordering::Relaxed),
+            a.held_bytes() + b.held_bytes()
+        );
+        let (_, frames) = a.attach(conn(0, 1), Some(0), &LIMITS, now(t0, 10));
+        assert_eq!(json(&frames[0])["name"], "ResumeGap");
+        assert_eq!(json(frames.last().unwrap())["seq"], 3);
+
+        drop(a);
+        assert_eq!(total.load(Ordering::Relaxed), b.held_bytes());
+        drop(b);
+        assert_eq!(total.load(Ordering::Relaxed), 0);
     }
 
     #[test]

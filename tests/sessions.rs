@@ -257,3 +257,34 @@ fn held_frames_are_bounded_in_bytes_too() {
     assert_eq!(tokens, words("after"), "nothing else replayed");
     assert_chat(&chat, user, "after", None);
 }
+
+#[test]
+fn held_frames_of_all_sessions_together_stay_within_the_total_budget() {
+    // Chat frames of a 1,000-character text are about 3.2 KB: an 8 KiB budget for all
+    // sessions holds two of them, however many each session may hold on its own.
+    let server = Server::start(&["--max-held-bytes-total", "8192"]);
+    for user in ["first", "second"] {
+        let mut c = server.connect(user, "");
+        for i in 1..=3u64 {
+            c.say(&format!("{user}{i}{}", "x".repeat(1000)), None);
+            let (_, chat) = c.recv_until_chat();
+            assert_eq!(seq(&chat), i);
+        }
+        c.close();
+    }
+    assert!(server.wait_log("server-wide budget", Duration::from_secs(5)));
+    // The first session, the largest while the second one's replies came, gave way first:
+    // only its newest frame is left.
+    let mut c = server.connect("first", "?since=0");
+    assert_error(&c.recv_json(), "ResumeGap");
+    let v = c.recv_json();
+    assert_eq!((v["type"].as_str(), seq(&v)), (Some("chat"), 3), "{v}");
+    c.say("after", None);
+    let (tokens, chat) = c.recv_until_chat();
+    assert_eq!(tokens, words("after"), "nothing else replayed");
+    assert_eq!(seq(&chat), 5, "4 was the ResumeGap error");
+    // The second session keeps its newest frame too.
+    let mut c = server.connect("second", "?since=2");
+    let v = c.recv_json();
+    assert_eq!((v["type"].as_str(), seq(&v)), (Some("chat"), 3), "{v}");
+}

@@ -198,10 +198,15 @@ impl Server {
             let limits = self.limits;
             let epoch = self.next_generation;
             self.next_generation += 1;
-            let entry = self.sessions.entry(user.clone()).or_insert_with(|| Entry {
-                session: Session::new(user.clone(), now.mono),
-                timer_at: None,
-                epoch,
+            let held_total = &self.held_total;
+            let entry = self.sessions.entry(user.clone()).or_insert_with(|| {
+                let mut session = Session::new(user.clone(), now.mono);
+                session.count_held_in(Arc::clone(held_total));
+                Entry {
+                    session,
+                    timer_at: None,
+                    epoch,
+                }
             });
             let (replaced, frames) = entry.session.attach(id, since, &limits, now);
             let epoch = entry.epoch;

@@ -23,7 +23,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tungstenite::Message;
 use tungstenite::protocol::WebSocketConfig;
@@ -131,6 +131,8 @@ pub struct Server {
     read_queue: VecDeque<ConnId>,
     /// Connections written to since the last flush.
     flush_queue: Vec<ConnId>,
+    /// Bytes of frames held by all sessions (each session keeps its share counted here).
+    held_total: Arc<AtomicUsize>,
     next_generation: u64,
     next_turn: u64,
     /// Connections being told 503 because the cap was reached.
@@ -201,6 +203,7 @@ impl Server {
             ws_config,
             read_queue: VecDeque::new(),
             flush_queue: Vec::new(),
+            held_total: Arc::default(),
             next_generation: 1,
             next_turn: 1,
             refusing: 0,
@@ -290,6 +293,7 @@ impl Server {
             }
             self.serve_read_queue();
             self.run_timers();
+            self.enforce_held_budget();
             self.flush_all();
             self.pool.kick();
             if self.stopping.is_none() && self.shutdown_flag.load(Ordering::Acquire) {
@@ -329,6 +333,30 @@ impl Server {
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 self.remove(id, "internal error")
             }));
+        }
+    }
+
+    /// Past `--max-held-bytes-total`, the sessions holding the most bytes give up their
+    /// oldest frames (never a session's newest) until the total fits. The scan of all
+    /// sessions happens only while over the budget.
+    pub(super) fn enforce_held_budget(&mut self) {
+        let budget = self.config.max_held_bytes_total;
+        let mut shed = 0usize;
+        while self.held_total.load(Ordering::Relaxed) > budget {
+            let largest = self
+                .sessions
+                .values_mut()
+                .filter(|e| e.session.held_frames() > 1)
+                .max_by_key(|e| e.session.held_bytes());
+            if !largest.is_some_and(|e| e.session.shed_oldest()) {
+                break;
+            }
+            shed += 1;
+        }
+        if shed > 0 {
+            warn!(
+                "held frames over the server-wide budget of {budget} bytes: dropped the {shed} oldest of the largest sessions"
+            );
         }
     }
 
