@@ -42,6 +42,9 @@ pub struct Config {
     /// Bytes of held frames across all sessions: past it the sessions holding the most give
     /// up their oldest frames, so that many sessions cannot add up past a small board's memory.
     pub max_held_bytes_total: usize,
+    /// Bytes of conversation history across all sessions: past it the sessions with the
+    /// longest history forget their oldest turns.
+    pub max_history_bytes_total: usize,
     /// Sessions kept at once; past it the longest-idle detached session is dropped.
     pub max_sessions: usize,
     /// Time a client has to finish its HTTP upgrade request.
@@ -71,6 +74,7 @@ impl Default for Config {
             max_held_frames: 256,
             max_held_bytes: 1024 * 1024,
             max_held_bytes_total: 64 * 1024 * 1024,
+            max_history_bytes_total: 32 * 1024 * 1024,
             max_sessions: 4096,
             handshake_timeout: Duration::from_secs(10),
             raw_echo: false,
@@ -209,6 +213,12 @@ const OPTS: &[Opt] = &[
         value: "B",
         default: "67108864",
         help: "bytes of frames kept by all sessions together; past it the largest give way",
+    },
+    Opt {
+        name: "max-history-bytes-total",
+        value: "B",
+        default: "33554432",
+        help: "bytes of history kept by all sessions together; past it the longest forget first",
     },
     Opt {
         name: "max-sessions",
@@ -373,6 +383,7 @@ fn apply(cfg: &mut Config, opt: &Opt, value: &str, origin: &str) -> Result<(), C
         "max-held-frames" => cfg.max_held_frames = size(1)?,
         "max-held-bytes" => cfg.max_held_bytes = size(1024)?,
         "max-held-bytes-total" => cfg.max_held_bytes_total = size(1024)?,
+        "max-history-bytes-total" => cfg.max_history_bytes_total = size(1024)?,
         "max-sessions" => cfg.max_sessions = size(1)?,
         "handshake-timeout-secs" => cfg.handshake_timeout = secs(1)?,
         "raw-echo" => {

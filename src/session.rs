@@ -102,6 +102,10 @@ pub struct Session {
     user: UserId,
     conn: Option<ConnId>,
     history: VecDeque<HistoryEntry>,
+    /// Bytes of the lines in `history`.
+    history_bytes: usize,
+    /// Where `history_bytes` is also counted (see [`Session::count_history_in`]).
+    history_total: Arc<AtomicUsize>,
     held: VecDeque<HeldFrame>,
     /// Bytes of the frames in `held`.
     held_bytes: usize,
@@ -124,6 +128,8 @@ impl Session {
             user,
             conn: None,
             history: VecDeque::new(),
+            history_bytes: 0,
+            history_total: Arc::default(),
             held: VecDeque::new(),
             held_bytes: 0,
             held_total: Arc::default(),
@@ -480,10 +486,48 @@ impl Session {
     }
 
     fn remember(&mut self, who: Who, text: Arc<str>, limits: &Limits) {
+        self.history_bytes += text.len();
+        self.history_total.fetch_add(text.len(), Ordering::Relaxed);
         self.history.push_back(HistoryEntry { who, text });
         while self.history.len() > limits.history_turns * 2 {
-            self.history.pop_front();
+            self.forget_oldest_line();
         }
+    }
+
+    fn forget_oldest_line(&mut self) {
+        if let Some(old) = self.history.pop_front() {
+            self.history_bytes -= old.text.len();
+            self.history_total
+                .fetch_sub(old.text.len(), Ordering::Relaxed);
+        }
+    }
+
+    /// Counts this session's history bytes into `total` too: the server's budget across all
+    /// sessions. The count leaves `total` again as lines go and when the session is dropped.
+    pub fn count_history_in(&mut self, total: Arc<AtomicUsize>) {
+        self.history_total
+            .fetch_sub(self.history_bytes, Ordering::Relaxed);
+        total.fetch_add(self.history_bytes, Ordering::Relaxed);
+        self.history_total = total;
+    }
+
+    /// Bytes of the conversation history this session keeps.
+    pub fn history_bytes(&self) -> usize {
+        self.history_bytes
+    }
+
+    /// Forgets the oldest turn of the history (the user's line and the reply) to make room
+    /// for other sessions; `false` when there is none.
+    pub fn shed_oldest_turn(&mut self) -> bool {
+        if self.history.is_empty() {
+            return false;
+        }
+        self.forget_oldest_line();
+        // Keep the history starting with a user line, as the agent expects.
+        if self.history.front().is_some_and(|h| h.who == Who::Ai) {
+            self.forget_oldest_line();
+        }
+        true
     }
 }
 
@@ -491,6 +535,8 @@ impl Drop for Session {
     fn drop(&mut self) {
         self.held_total
             .fetch_sub(self.held_bytes, Ordering::Relaxed);
+        self.history_total
+            .fetch_sub(self.history_bytes, Ordering::Relaxed);
     }
 }
 
@@ -624,6 +670,36 @@ mod tests {
         drop(a);
         assert_eq!(total.load(Ordering::Relaxed), b.held_bytes());
         drop(b);
+        assert_eq!(total.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn history_bytes_are_counted_in_the_shared_total_and_shed_by_turn() {
+        let t0 = Instant::now();
+        let total = Arc::new(AtomicUsize::new(0));
+        let mut s = Session::new(UserId::default_user(), t0);
+        s.count_history_in(Arc::clone(&total));
+        answer(&mut s, "one", None, 1, now(t0, 1));
+        answer(&mut s, "two", None, 2, now(t0, 2));
+        // "one" + "ONE" + "two" + "TWO"
+        assert_eq!(s.history_bytes(), 12);
+        assert_eq!(total.load(Ordering::Relaxed), 12);
+        assert!(s.shed_oldest_turn());
+        assert_eq!(total.load(Ordering::Relaxed), 6);
+        assert!(matches!(
+            s.accept(msg("three", None), &LIMITS, now(t0, 3)),
+            Accepted::Queued
+        ));
+        let (turn, _) = s.start_next(3, &LIMITS, now(t0, 3)).unwrap();
+        let lines: Vec<&str> = turn.history.iter().map(|h| &*h.text).collect();
+        assert_eq!(lines, ["two", "TWO"], "the oldest turn went whole");
+        assert!(s.shed_oldest_turn());
+        assert!(!s.shed_oldest_turn(), "nothing left to forget");
+        assert_eq!(total.load(Ordering::Relaxed), 0);
+        s.finish(3, Ok("THREE".into()), &LIMITS, now(t0, 4))
+            .unwrap();
+        assert_eq!(total.load(Ordering::Relaxed), 10);
+        drop(s);
         assert_eq!(total.load(Ordering::Relaxed), 0);
     }
 

@@ -288,3 +288,25 @@ fn held_frames_of_all_sessions_together_stay_within_the_total_budget() {
     let v = c.recv_json();
     assert_eq!((v["type"].as_str(), seq(&v)), (Some("chat"), 3), "{v}");
 }
+
+#[test]
+fn history_of_all_sessions_together_stays_within_its_budget() {
+    // Each turn of a 1,000-character text keeps about 2 KB of history (the line and the
+    // echoed reply): a 4 KiB budget keeps two turns in all.
+    let server = Server::start(&["--max-history-bytes-total", "4096"]);
+    let mut c = server.connect("talker", "");
+    for i in 1..=3u64 {
+        c.say(&format!("t{i}{}", "y".repeat(1000)), None);
+        let (_, chat) = c.recv_until_chat();
+        assert_eq!(seq(&chat), i);
+    }
+    assert!(server.wait_log(
+        "history over the server-wide budget",
+        Duration::from_secs(5)
+    ));
+    // Forgetting history costs the session nothing else: it keeps answering.
+    c.say("still here", None);
+    let (tokens, chat) = c.recv_until_chat();
+    assert_eq!(tokens, words("still here"));
+    assert_eq!(seq(&chat), 4);
+}

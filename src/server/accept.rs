@@ -198,10 +198,11 @@ impl Server {
             let limits = self.limits;
             let epoch = self.next_generation;
             self.next_generation += 1;
-            let held_total = &self.held_total;
+            let (held_total, history_total) = (&self.held_total, &self.history_total);
             let entry = self.sessions.entry(user.clone()).or_insert_with(|| {
                 let mut session = Session::new(user.clone(), now.mono);
                 session.count_held_in(Arc::clone(held_total));
+                session.count_history_in(Arc::clone(history_total));
                 Entry {
                     session,
                     timer_at: None,

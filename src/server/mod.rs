@@ -133,6 +133,8 @@ pub struct Server {
     flush_queue: Vec<ConnId>,
     /// Bytes of frames held by all sessions (each session keeps its share counted here).
     held_total: Arc<AtomicUsize>,
+    /// Bytes of conversation history of all sessions, counted the same way.
+    history_total: Arc<AtomicUsize>,
     next_generation: u64,
     next_turn: u64,
     /// Connections being told 503 because the cap was reached.
@@ -204,6 +206,7 @@ impl Server {
             read_queue: VecDeque::new(),
             flush_queue: Vec::new(),
             held_total: Arc::default(),
+            history_total: Arc::default(),
             next_generation: 1,
             next_turn: 1,
             refusing: 0,
@@ -337,25 +340,34 @@ impl Server {
     }
 
     /// Past `--max-held-bytes-total`, the sessions holding the most bytes give up their
-    /// oldest frames (never a session's newest) until the total fits. The scan of all
-    /// sessions happens only while over the budget.
+    /// oldest frames (never a session's newest) until the total fits; past
+    /// `--max-history-bytes-total`, the sessions with the longest history forget their
+    /// oldest turns. Sessions are scanned only while over a budget.
     pub(super) fn enforce_held_budget(&mut self) {
-        let budget = self.config.max_held_bytes_total;
-        let mut shed = 0usize;
-        while self.held_total.load(Ordering::Relaxed) > budget {
-            let largest = self
-                .sessions
-                .values_mut()
-                .filter(|e| e.session.held_frames() > 1)
-                .max_by_key(|e| e.session.held_bytes());
-            if !largest.is_some_and(|e| e.session.shed_oldest()) {
-                break;
-            }
-            shed += 1;
-        }
+        let shed = shed_until_within(
+            &mut self.sessions,
+            &self.held_total,
+            self.config.max_held_bytes_total,
+            |s| (s.held_frames() > 1).then(|| s.held_bytes()),
+            Session::shed_oldest,
+        );
         if shed > 0 {
             warn!(
-                "held frames over the server-wide budget of {budget} bytes: dropped the {shed} oldest of the largest sessions"
+                "held frames over the server-wide budget of {} bytes: dropped the {shed} oldest of the largest sessions",
+                self.config.max_held_bytes_total
+            );
+        }
+        let shed = shed_until_within(
+            &mut self.sessions,
+            &self.history_total,
+            self.config.max_history_bytes_total,
+            |s| (s.history_bytes() > 0).then(|| s.history_bytes()),
+            Session::shed_oldest_turn,
+        );
+        if shed > 0 {
+            info!(
+                "history over the server-wide budget of {} bytes: the longest sessions forgot {shed} turns",
+                self.config.max_history_bytes_total
             );
         }
     }
@@ -416,6 +428,29 @@ impl Server {
         }
         self.flush_all();
     }
+}
+
+/// While `total` is over `budget`, asks the session with the largest `size` (`None`: has
+/// nothing to give) to `shed`; returns how many times one did.
+fn shed_until_within(
+    sessions: &mut HashMap<UserId, Entry>,
+    total: &AtomicUsize,
+    budget: usize,
+    size: impl Fn(&Session) -> Option<usize>,
+    shed: impl Fn(&mut Session) -> bool,
+) -> usize {
+    let mut count = 0;
+    while total.load(Ordering::Relaxed) > budget {
+        let largest = sessions
+            .values_mut()
+            .filter_map(|e| size(&e.session).map(|n| (n, e)))
+            .max_by_key(|(n, _)| *n);
+        if !largest.is_some_and(|(_, e)| shed(&mut e.session)) {
+            break;
+        }
+        count += 1;
+    }
+    count
 }
 
 /// The connection `id` names, if the slot still holds that generation.
