@@ -103,15 +103,10 @@ pub struct Session {
     conn: Option<ConnId>,
     history: VecDeque<HistoryEntry>,
     /// Bytes of the lines in `history`.
-    history_bytes: usize,
-    /// Where `history_bytes` is also counted (see [`Session::count_history_in`]).
-    history_total: Arc<AtomicUsize>,
+    history_bytes: Tally,
     held: VecDeque<HeldFrame>,
     /// Bytes of the frames in `held`.
-    held_bytes: usize,
-    /// Where `held_bytes` is also counted: the server's total across sessions (see
-    /// [`Session::count_held_in`]), or a counter of this session's own.
-    held_total: Arc<AtomicUsize>,
+    held_bytes: Tally,
     next_seq: u64,
     /// Every frame with a seq up to this one reached the kernel of some socket.
     handed_upto: u64,
@@ -128,11 +123,9 @@ impl Session {
             user,
             conn: None,
             history: VecDeque::new(),
-            history_bytes: 0,
-            history_total: Arc::default(),
+            history_bytes: Tally::default(),
             held: VecDeque::new(),
-            held_bytes: 0,
-            held_total: Arc::default(),
+            held_bytes: Tally::default(),
             next_seq: 1,
             handed_upto: 0,
             running: None,
@@ -227,14 +220,13 @@ impl Session {
         let seq = self.next_seq;
         self.next_seq += 1;
         let text = Utf8Bytes::from(encode_held(&frame, &self.user, seq, reply_to, now.unix));
-        self.held_bytes += text.len();
-        self.held_total.fetch_add(text.len(), Ordering::Relaxed);
+        self.held_bytes.add(text.len());
         self.held.push_back(HeldFrame {
             seq,
             text: text.clone(),
         });
         while self.held.len() > limits.max_held_frames.max(1)
-            || (self.held_bytes > limits.max_held_bytes && self.held.len() > 1)
+            || (self.held_bytes.get() > limits.max_held_bytes && self.held.len() > 1)
         {
             self.drop_oldest("held frames full");
         }
@@ -420,15 +412,12 @@ impl Session {
     /// Counts this session's held bytes into `total` too: the server's budget across all
     /// sessions. The count leaves `total` again as frames go and when the session is dropped.
     pub fn count_held_in(&mut self, total: Arc<AtomicUsize>) {
-        self.held_total
-            .fetch_sub(self.held_bytes, Ordering::Relaxed);
-        total.fetch_add(self.held_bytes, Ordering::Relaxed);
-        self.held_total = total;
+        self.held_bytes.count_in(total);
     }
 
     /// Bytes of the frames this session holds.
     pub fn held_bytes(&self) -> usize {
-        self.held_bytes
+        self.held_bytes.get()
     }
 
     /// Frames this session holds.
@@ -450,8 +439,7 @@ impl Session {
         let Some(old) = self.held.pop_front() else {
             return;
         };
-        self.held_bytes -= old.text.len();
-        self.held_total.fetch_sub(old.text.len(), Ordering::Relaxed);
+        self.held_bytes.sub(old.text.len());
         if old.seq > self.handed_upto {
             warn!(
                 "user={} {why}: dropping undelivered frame seq={}",
@@ -486,8 +474,7 @@ impl Session {
     }
 
     fn remember(&mut self, who: Who, text: Arc<str>, limits: &Limits) {
-        self.history_bytes += text.len();
-        self.history_total.fetch_add(text.len(), Ordering::Relaxed);
+        self.history_bytes.add(text.len());
         self.history.push_back(HistoryEntry { who, text });
         while self.history.len() > limits.history_turns * 2 {
             self.forget_oldest_line();
@@ -496,24 +483,19 @@ impl Session {
 
     fn forget_oldest_line(&mut self) {
         if let Some(old) = self.history.pop_front() {
-            self.history_bytes -= old.text.len();
-            self.history_total
-                .fetch_sub(old.text.len(), Ordering::Relaxed);
+            self.history_bytes.sub(old.text.len());
         }
     }
 
     /// Counts this session's history bytes into `total` too: the server's budget across all
     /// sessions. The count leaves `total` again as lines go and when the session is dropped.
     pub fn count_history_in(&mut self, total: Arc<AtomicUsize>) {
-        self.history_total
-            .fetch_sub(self.history_bytes, Ordering::Relaxed);
-        total.fetch_add(self.history_bytes, Ordering::Relaxed);
-        self.history_total = total;
+        self.history_bytes.count_in(total);
     }
 
     /// Bytes of the conversation history this session keeps.
     pub fn history_bytes(&self) -> usize {
-        self.history_bytes
+        self.history_bytes.get()
     }
 
     /// Forgets the oldest turn of the history (the user's line and the reply) to make room
@@ -531,12 +513,41 @@ impl Session {
     }
 }
 
-impl Drop for Session {
+/// Bytes a session keeps of one kind (held frames, history), counted also in a total
+/// shared with the other sessions: the server's budget. What a session counts leaves the
+/// total again as it goes, and when the session is dropped.
+#[derive(Debug, Default)]
+struct Tally {
+    bytes: usize,
+    total: Arc<AtomicUsize>,
+}
+
+impl Tally {
+    fn get(&self) -> usize {
+        self.bytes
+    }
+
+    fn add(&mut self, n: usize) {
+        self.bytes += n;
+        self.total.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn sub(&mut self, n: usize) {
+        self.bytes -= n;
+        self.total.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Moves this tally's count from the total it was in to `total`.
+    fn count_in(&mut self, total: Arc<AtomicUsize>) {
+        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
+        total.fetch_add(self.bytes, Ordering::Relaxed);
+        self.total = total;
+    }
+}
+
+impl Drop for Tally {
     fn drop(&mut self) {
-        self.held_total
-            .fetch_sub(self.held_bytes, Ordering::Relaxed);
-        self.history_total
-            .fetch_sub(self.history_bytes, Ordering::Relaxed);
+        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -607,7 +618,7 @@ mod tests {
             s.start_next(turn_id, &limits, t).unwrap();
             s.finish(turn_id, Ok(text.clone()), &limits, t).unwrap();
         }
-        assert!(s.held_bytes <= 3000, "{} bytes held", s.held_bytes);
+        assert!(s.held_bytes() <= 3000, "{} bytes held", s.held_bytes());
         let (_, frames) = s.attach(conn(0, 1), Some(0), &limits, now(t0, 9));
         let kinds: Vec<(String, u64)> = frames
             .iter()
