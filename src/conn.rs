@@ -170,14 +170,8 @@ impl Counted {
         }
     }
 
-    /// Reads from the kernel, straight into `buf` when it is large, else through the
-    /// scratch buffer.
+    /// Reads from the kernel through the scratch buffer.
     fn read_kernel(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.len() >= SCRATCH_BYTES {
-            let n = self.inner.read(buf)?;
-            self.drained = n > 0 && n < buf.len();
-            return Ok(n);
-        }
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             let n = self.inner.read(&mut scratch[..])?;

@@ -109,6 +109,15 @@ impl JobQueue {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// No more jobs: drops the queued ones and lets every waiting worker exit.
+    fn close(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        state.jobs.clear();
+        drop(state);
+        self.ready.notify_all();
+    }
+
     /// The next job, waiting for one; `None` once the queue is closed and empty.
     fn take(&self) -> Option<Job> {
         let mut state = self.lock();
@@ -156,8 +165,7 @@ impl Pool {
                 Ok(t) => threads.push(t),
                 Err(e) => {
                     // Let the threads already started exit rather than leak them.
-                    queue.lock().closed = true;
-                    queue.ready.notify_all();
+                    queue.close();
                     return Err(e);
                 }
             }
@@ -188,11 +196,13 @@ impl Pool {
     /// sleeps.
     pub fn kick(&self) {
         let state = self.queue.lock();
-        let wake = state.idle.min(state.jobs.len());
-        let all = wake == state.idle;
+        let (wake, idle) = (state.idle.min(state.jobs.len()), state.idle);
         drop(state);
+        // Nothing to wake is the common case, and a notify costs a system call even then.
         if wake == 0 {
-        } else if all {
+            return;
+        }
+        if wake == idle {
             self.queue.ready.notify_all();
         } else {
             for _ in 0..wake {
@@ -215,11 +225,7 @@ impl Pool {
     /// threads exit once their current turn ends. Threads still busy after the shutdown
     /// grace period are left to the process exit.
     pub fn close(&mut self) {
-        let mut state = self.queue.lock();
-        state.closed = true;
-        state.jobs.clear();
-        drop(state);
-        self.queue.ready.notify_all();
+        self.queue.close();
     }
 
     /// Joins the threads that finish before `deadline` (after [`Pool::close`], an idle

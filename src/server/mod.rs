@@ -296,7 +296,7 @@ impl Server {
             }
             self.serve_read_queue();
             self.run_timers();
-            self.enforce_held_budget();
+            self.enforce_memory_budgets();
             self.flush_all();
             self.pool.kick();
             if self.stopping.is_none() && self.shutdown_flag.load(Ordering::Acquire) {
@@ -343,7 +343,7 @@ impl Server {
     /// oldest frames (never a session's newest) until the total fits; past
     /// `--max-history-bytes-total`, the sessions with the longest history forget their
     /// oldest turns. Sessions are scanned only while over a budget.
-    pub(super) fn enforce_held_budget(&mut self) {
+    pub(super) fn enforce_memory_budgets(&mut self) {
         let shed = shed_until_within(
             &mut self.sessions,
             &self.held_total,
