@@ -5,9 +5,10 @@
 #
 # Builds target/aarch64-unknown-linux-gnu/release/straycat (Pi 3/4/5, 64-bit OS) and
 # target/armv7-unknown-linux-gnueabihf/release/straycat (32-bit Raspberry Pi OS) with Debian's
-# rustc-web and its ARM standard libraries, installing them first (as root, or through sudo)
-# along with the cross linkers and qemu-user. Host builds are not affected: RUSTC and the
-# linkers are set for these cargo commands only.
+# rustc-web and its ARM standard libraries (unpacked into a private sysroot), installing the
+# native toolchain first (as root, or through sudo) along with the cross linkers and
+# qemu-user. Host builds are not affected: RUSTC, the sysroot and the linkers are set for
+# these cargo commands only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=cross/lib.sh

@@ -1,11 +1,14 @@
-# cross/lib.sh: shared by the cross/ scripts (sourced, not run). Installs Debian's Rust
-# cross toolchain and sets cargo's per-target environment, for these builds only.
+# cross/lib.sh: shared by the cross/ scripts (sourced, not run). Installs what the ARM builds
+# need and sets cargo's per-target environment, for these builds only.
 #
-# Why Debian's compiler: rustup can't fetch target standard libraries here (no internet but
-# the package registries), so the ARM builds use Debian's `rustc-web` with the matching
-# `libstd-rust-web-dev:<arch>` (same version, or rustc refuses the rlibs). Host builds keep
-# whatever `rustc` is on PATH: we only set `RUSTC` in the environment of the cargo commands
-# below, never in a .cargo/config.
+# Nothing foreign goes into dpkg: no `dpkg --add-architecture`, no `pkg:arm64` installs.
+# apt installs native (amd64) packages only: Debian's rustc-web, the cross linkers, the
+# `*-cross` C libraries (Architecture: all) and qemu-user. The one ARM piece, Rust's standard
+# library for each target (libstd-rust-web-dev of arm64 and armhf, at exactly rustc-web's
+# version: rustc refuses rlibs built by another compiler), is downloaded as a .deb, checked
+# against the SHA256 of the index that lists it, and unpacked with `dpkg-deb -x` into a
+# private sysroot under $CROSS_CACHE. cross/README.md says why this cannot break the way
+# multiarch installs did.
 
 # shellcheck shell=bash
 
@@ -21,7 +24,7 @@ deb_arch() {
     esac
 }
 
-# GNU triple (the cross gcc's prefix and the sysroot under /usr) of a Rust target triple.
+# GNU triple (the cross gcc's prefix, and /usr/<triple>, the tree the -cross packages fill).
 gnu_triple() {
     case "$1" in
         aarch64-unknown-linux-gnu) echo aarch64-linux-gnu ;;
@@ -37,6 +40,14 @@ qemu_for() {
         armv7-unknown-linux-gnueabihf) echo qemu-arm ;;
         *) die "no qemu known for $1" ;;
     esac
+}
+
+# Where qemu finds the target's loader and libraries (`qemu-* -L`, QEMU_LD_PREFIX): the tree
+# of libc6-*-cross and libgcc-s1-*-cross. Its ld.so and libc.so come from one package
+# (one glibc build), and with no multiarch libc on the machine there is nothing else for
+# qemu's path lookup to fall back to, so the pair can never be mixed.
+qemu_prefix() {
+    echo "/usr/$(gnu_triple "$1")"
 }
 
 die() {
@@ -57,22 +68,20 @@ as_root() {
     fi
 }
 
-# Debian's cross compiler (the rustc-web package installs it as /usr/bin/rustc).
+# Debian's compiler (the rustc-web package installs it as /usr/bin/rustc).
 DEB_RUSTC=/usr/bin/rustc
-# libc6 and libgcc-s1 of arm64 and armhf are what the binaries run on under qemu (see
-# QEMU_SYSROOT); the -cross packages are what the cross linkers link against.
-CROSS_PACKAGES=(gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-arm64-cross
-    libc6-dev-armhf-cross libc6:arm64 libc6:armhf libgcc-s1:arm64 libgcc-s1:armhf qemu-user)
+# Native packages only. The gcc cross compilers pull in libc6-dev-*-cross and
+# libgcc-s1-*-cross; they are named here because --no-install-recommends is used.
+# dpkg-dev: package.sh's dpkg-shlibdeps. xz-utils: the Packages.xz indexes.
+NATIVE_PACKAGES=(gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-arm64-cross
+    libc6-dev-armhf-cross libgcc-s1-arm64-cross libgcc-s1-armhf-cross qemu-user
+    qemu-user-binfmt dpkg-dev xz-utils)
+STD_PACKAGE=libstd-rust-web-dev
 
-# Where qemu-user finds the ARM dynamic loader and libraries: the root, i.e. Debian's
-# multiarch libc6:arm64 / libc6:armhf (/lib/ld-linux-aarch64.so.1, /lib/aarch64-linux-gnu/).
-# Not /usr/<gnu triple>: that tree has the cross packages' ld.so (2.36-8cross1) but not every
-# library, so qemu's path lookup falls back to the multiarch libc.so (2.36-9+deb12uN); that
-# mixed pair of ld.so and libc corrupts the loader's stack cache list and the first
-# pthread_create spins forever (aarch64) or segfaults (armv7).
-QEMU_SYSROOT=/
+# The private sysroots, one folder per rustc-web version.
+CROSS_CACHE=${STRAYCAT_CROSS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/straycat-cross}
 
-# Installed version of a package, empty if absent.
+# Installed version of a native package, empty if absent.
 installed_version() {
     dpkg-query -W -f='${db:Status-Abbrev} ${Version}\n' "$1" 2>/dev/null |
         awk '$1 == "ii" { print $2 }'
@@ -83,182 +92,164 @@ candidate_version() {
     apt-cache policy "$1" 2>/dev/null | awk '$1 == "Candidate:" && $2 != "(none)" { print $2 }'
 }
 
-# True when rustc-web and both target standard libraries are installed at one version, and
-# the cross linkers and qemu are there: then we don't touch apt at all.
+# The sysroot (holding lib/rustlib/<target>/lib for both ARM targets) for rustc-web $1.
+sysroot_for() {
+    echo "$CROSS_CACHE/$1/usr"
+}
+
+# True when rustc-web, the native packages and both unpacked standard libraries are there at
+# one version: then we touch neither apt nor the network.
 toolchain_ready() {
     local v p
     v=$(installed_version rustc-web)
-    [ -n "$v" ] || return 1
-    for p in libstd-rust-web-dev:arm64 libstd-rust-web-dev:armhf; do
-        [ "$(installed_version "$p")" = "$v" ] || return 1
-    done
-    for p in "${CROSS_PACKAGES[@]}"; do
+    [ -n "$v" ] && [ -x "$DEB_RUSTC" ] || return 1
+    for p in "${NATIVE_PACKAGES[@]}"; do
         [ -n "$(installed_version "$p")" ] || return 1
     done
-    [ -x "$DEB_RUSTC" ]
-}
-
-# Where the workaround for a stale index keeps its files.
-CROSS_STATE=${CROSS_STATE:-/var/cache/straycat-cross}
-
-# `apt-get update`, surviving one stale index on the mirror.
-#
-# A mirror caught mid-sync serves a Packages file whose size or hash differs from its
-# (signed) Release file. apt then refuses that index *and rolls the whole suite back*, so one
-# stale architecture (here bookworm-security armhf) hides the suite's updates for every
-# architecture (rustc-web for amd64 and arm64 included). We re-update each affected suite
-# without the broken architectures (a one-off source list, leaving the other lists alone),
-# and remember where the broken index lives: `fetch_unindexed` can use it later.
-# The mirror's host name comes from apt's own error message, never from this script.
-apt_update_robust() {
-    local out failed line url base suite comp arch arches a good list
-    out=$(mktemp)
-    as_root apt-get update 2>&1 | tee "$out" >&2 || true
-    failed=$(grep -oE '^E: Failed to fetch [^ ]+' "$out" | awk '{ print $5 }' | sort -u || true)
-    rm -f "$out"
-    as_root mkdir -p "$CROSS_STATE/debs"
-    # apt-helper downloads as the _apt user when it can.
-    if id _apt >/dev/null 2>&1; then as_root chown _apt "$CROSS_STATE" "$CROSS_STATE/debs"; fi
-    as_root rm -f "$CROSS_STATE/stale-indexes"
-    [ -n "$failed" ] || return 0
-    arches=$( (dpkg --print-architecture; dpkg --print-foreign-architectures) | sort -u)
-    while read -r url; do
-        # <base>/dists/<suite>/<component>/binary-<arch>/Packages.xz (or a by-hash path)
-        [[ $url =~ ^(.*)/dists/([^/]+)/(.+)/binary-([^/]+)/ ]] ||
-            die "apt-get update failed on $url (not a Packages index; network down?)"
-        base=${BASH_REMATCH[1]} suite=${BASH_REMATCH[2]} comp=${BASH_REMATCH[3]}
-        arch=${BASH_REMATCH[4]}
-        log "stale index on the mirror: $suite/$comp $arch; re-updating $suite without $arch"
-        echo "$base $suite $comp $arch $url" | as_root tee -a "$CROSS_STATE/stale-indexes" >/dev/null
-    done <<<"$failed"
-    # One re-update per suite, with every architecture that did not fail.
-    awk '{ print $1, $2 }' "$CROSS_STATE/stale-indexes" | sort -u | while read -r base suite; do
-        good=""
-        for a in $arches; do
-            grep -q "^$base $suite [^ ]* $a " "$CROSS_STATE/stale-indexes" || good="$good${good:+,}$a"
-        done
-        [ -n "$good" ] || continue
-        list=$(mktemp)
-        awk -v b="$base" -v s="$suite" '$1 == b && $2 == s { print $3 }' \
-            "$CROSS_STATE/stale-indexes" | sort -u | while read -r comp; do
-            echo "deb [arch=$good] $base $suite $comp"
-        done >"$list"
-        as_root apt-get update -o Dir::Etc::sourcelist="$list" -o Dir::Etc::sourceparts=- \
-            -o APT::Get::List-Cleanup=0 >&2 || die "apt-get update of $suite without the stale index failed"
-        rm -f "$list"
+    for p in arm64 armhf; do
+        [ -f "$CROSS_CACHE/$v/.unpacked-$p" ] || return 1
     done
 }
 
-# "Version|Filename|SHA256|Pre-Depends, Depends" of package $1 in the Packages stanzas on
-# stdin (the first stanza naming it).
-stanza_summary() {
-    awk -v p="$1" 'BEGIN { RS = ""; FS = "\n" }
+# Runs apt-get "$@" as root with its output in a log file. On failure prints one line naming
+# what apt could not do (its first "E:" line) and where the whole log is, and exits.
+apt_quiet() {
+    local out="$CROSS_CACHE/apt.log" err
+    if as_root env DEBIAN_FRONTEND=noninteractive apt-get "$@" >"$out" 2>&1; then
+        return 0
+    fi
+    err=$(grep -m1 -E '^(E|Err):|unmet dependencies|not installable' "$out" || tail -n 1 "$out")
+    die "apt-get $1 failed: $err (check the mirror in /etc/apt/sources.list.d, run 'apt-get update', then retry; whole log: $out)"
+}
+
+# Downloads URL $1 to file $2, checked against SHA256 $3 when given (apt's own downloader:
+# present on every Debian, honours apt's proxy settings). Root keeps the file (no _apt
+# sandbox, which could not write into root's home).
+download() {
+    local sum=()
+    [ -z "${3:-}" ] || sum=("SHA256:$3")
+    /usr/lib/apt/apt-helper -o APT::Sandbox::User="$(id -un)" download-file "$1" "$2" "${sum[@]}" \
+        >>"$CROSS_CACHE/download.log" 2>&1
+}
+
+# "SHA256 Size" of file $2 (e.g. main/binary-armhf/Packages.xz) in the Release file $1.
+release_entry() {
+    awk -v f="$2" '/^SHA256:/ { in_sha = 1; next } /^[^ ]/ { in_sha = 0 }
+        in_sha && $3 == f { print $1, $2; exit }' "$1"
+}
+
+# "Filename SHA256" of package $2 at version $3 in the uncompressed Packages file $1.
+index_entry() {
+    awk -v p="$2" -v v="$3" 'BEGIN { RS = ""; FS = "\n" }
         {
-            name = ""; v = ""; f = ""; h = ""; d = ""
+            name = ""; ver = ""; file = ""; sha = ""
             for (i = 1; i <= NF; i++) {
                 if ($i ~ /^Package: /) name = substr($i, 10)
-                else if ($i ~ /^Version: /) v = substr($i, 10)
-                else if ($i ~ /^Filename: /) f = substr($i, 11)
-                else if ($i ~ /^SHA256: /) h = substr($i, 9)
-                else if ($i ~ /^(Pre-)?Depends: /) d = d (d == "" ? "" : ", ") substr($i, index($i, " ") + 1)
+                else if ($i ~ /^Version: /) ver = substr($i, 10)
+                else if ($i ~ /^Filename: /) file = substr($i, 11)
+                else if ($i ~ /^SHA256: /) sha = substr($i, 9)
             }
-            if (name == p) { print v "|" f "|" h "|" d; exit }
-        }'
+            if (name == p && ver == v) { print file, sha; exit }
+        }' "$1"
 }
 
-# Prints the .deb files (downloaded into $CROSS_STATE/debs) that `apt-get install` needs,
-# besides what apt finds itself, to install package $2 at version $3 for architecture $1
-# when that architecture's index of some suite was stale on the mirror.
+# Downloads libstd-rust-web-dev for Debian architecture $1 at version $2 into $3, checked.
 #
-# We walk the dependencies: a package whose version in the stale index (what the mirror
-# serves, in practice the previous sync) is newer than anything apt knows for $1, or that apt
-# doesn't know for $1 at all, is downloaded from the pool. That keeps Multi-Arch: same
-# libraries in step with the host's copies, which came from the same suite. Each .deb is
-# checked against the SHA256 the stale index lists; that index itself could not be checked
-# against the signed Release file (that is the whole problem), so it is trusted as served.
-fetch_unindexed() {
-    local arch=$1 want_pkg=$2 want_ver=$3 base suite comp a url idx item name want
-    local cand stale ver file sha deps dep seen=" " queue
-    read -r base suite comp a url < <(awk -v a="$arch" '$4 == a' "$CROSS_STATE/stale-indexes" | head -n 1) ||
-        die "apt has no $want_pkg:$arch=$want_ver and no stale index was recorded for $arch"
-    idx="$CROSS_STATE/Packages-$suite-$arch"
-    as_root /usr/lib/apt/apt-helper download-file "$url" "$idx.download" >&2 ||
-        die "could not download $url"
-    case "$url" in
-        *.xz) as_root sh -c "xz -dc '$idx.download' > '$idx'" ;;
-        *.gz) as_root sh -c "gzip -dc '$idx.download' > '$idx'" ;;
-        *) as_root cp "$idx.download" "$idx" ;;
-    esac
-    queue=("$want_pkg=$want_ver")
-    while [ ${#queue[@]} -gt 0 ]; do
-        item=${queue[0]}
-        queue=("${queue[@]:1}")
-        name=${item%%=*} want=${item#*=}
-        [[ $seen == *" $name "* ]] && continue
-        seen="$seen$name "
-        cand=$(candidate_version "$name:$arch")
-        stale=$(stanza_summary "$name" <"$idx")
-        if [ -n "$stale" ] && { [ -z "$cand" ] || dpkg --compare-versions "${stale%%|*}" gt "$cand"; }; then
-            IFS='|' read -r ver file sha deps <<<"$stale"
-            log "fetching $name:$arch $ver outside apt's index (stale on the mirror)"
-            as_root /usr/lib/apt/apt-helper download-file "$base/$file" \
-                "$CROSS_STATE/debs/${file##*/}" "SHA256:$sha" >&2 || die "could not download $base/$file"
-            echo "$CROSS_STATE/debs/${file##*/}"
-        elif [ -n "$cand" ]; then
-            ver=$cand
-            deps=$(apt-cache show "$name:$arch=$cand" 2>/dev/null | stanza_summary "$name")
-            deps=${deps##*|}
-        else
-            die "$name:$arch is neither known to apt nor in the stale index"
-        fi
-        [ -z "$want" ] || [ "$ver" = "$want" ] || die "found $name:$arch $ver, need $want"
-        # "a (>= 1), b | c, d:any (= 2)": the first alternative of each; keep "=" pins.
-        IFS=',' read -ra deps <<<"$deps"
-        for dep in "${deps[@]}"; do
-            dep=${dep%%|*}
-            dep=$(echo "$dep" | sed -E 's/^ +//; s/ +$//')
-            [ -n "$dep" ] || continue
-            name=${dep%% *} name=${name%:any}
-            want=""
-            [[ $dep =~ \(=\ ([^\)]+)\) ]] && want=${BASH_REMATCH[1]}
-            queue+=("$name=$want")
-        done
-    done
+# The trust chain is apt's own: the Release file apt verified with the archive keyring during
+# `apt-get update` (the suite that offers rustc-web $2) gives the SHA256 of the arch's
+# Packages.xz; that index gives the SHA256 of the .deb. A mirror caught mid-sync may serve an
+# index that does not match its Release file (seen: bookworm-security armhf); we then try
+# the by-hash copy, and failing that use the index as served, saying so, and still check the
+# .deb against it. If no index lists the version yet, the .deb comes from the pool path the
+# amd64 package has (same source upload), and its control fields are checked instead.
+fetch_std_deb() {
+    local arch=$1 v=$2 deb=$3 origin base dist suite comp lists release entry idx_sha idx_size
+    local idx="$CROSS_CACHE/Packages-$arch" file sha amd64_file
+    origin=$(apt-cache madison rustc-web | awk -F' [|] ' -v v="$v" '$2 == v { print $3; exit }')
+    read -r base dist _ <<<"$origin"
+    suite=${dist%%/*} comp=${dist#*/}
+    [ -n "$base" ] && [ -n "$suite" ] || die "apt does not say which suite offers rustc-web $v"
+    lists=/var/lib/apt/lists/$(echo "$base/dists/$suite/" | sed -E 's|^[a-z]+://||; s|/|_|g')
+    release=${lists}InRelease
+    [ -f "$release" ] || release=${lists}Release
+    [ -f "$release" ] || die "no Release file of $suite from apt-get update (looked for ${lists}InRelease)"
+    entry=$(release_entry "$release" "$comp/binary-$arch/Packages.xz")
+    [ -n "$entry" ] || die "$suite's Release file lists no $comp/binary-$arch/Packages.xz"
+    read -r idx_sha idx_size <<<"$entry"
+    local url="$base/dists/$suite/$comp/binary-$arch"
+    rm -f "$idx.xz"
+    if download "$url/by-hash/SHA256/$idx_sha" "$idx.xz" "$idx_sha" ||
+        download "$url/Packages.xz" "$idx.xz" "$idx_sha"; then
+        log "$suite $comp $arch index: matches the signed Release file"
+    else
+        download "$url/Packages.xz" "$idx.xz" ||
+            die "could not download $url/Packages.xz (mirror down?); retry later"
+        log "$suite $comp $arch index: the mirror serves $(stat -c %s "$idx.xz") bytes, its signed Release says $idx_size (mirror mid-sync); using it as served"
+    fi
+    xz -dc "$idx.xz" >"$idx" || die "$url/Packages.xz is not valid xz"
+    read -r file sha <<<"$(index_entry "$idx" "$STD_PACKAGE" "$v")"
+    rm -f "$idx" "$idx.xz" "$idx.xz.FAILED" "$deb"
+    if [ -n "$file" ]; then
+        log "downloading $STD_PACKAGE:$arch $v"
+        download "$base/$file" "$deb" "$sha" ||
+            die "could not download $base/$file with SHA256 $sha (mirror down or mid-sync?); retry later"
+        return 0
+    fi
+    amd64_file=$(apt-cache show "$STD_PACKAGE=$v" 2>/dev/null | awk '/^Filename: / { print $2; exit }')
+    [ -n "$amd64_file" ] || die "apt knows no $STD_PACKAGE $v for amd64 either"
+    file=${amd64_file%_*.deb}_$arch.deb
+    log "$STD_PACKAGE:$arch $v is not in the $arch index yet: fetching $file by its pool path"
+    download "$base/$file" "$deb" ||
+        die "$STD_PACKAGE:$arch $v is neither in the $arch index nor at $base/$file; retry once the mirror has synced"
+    [ "$(dpkg-deb -f "$deb" Package Version Architecture | tr '\n' ' ')" = \
+        "Package: $STD_PACKAGE Version: $v Architecture: $arch " ] ||
+        die "$base/$file is not $STD_PACKAGE $v for $arch"
 }
 
-# Installs the cross toolchain with apt, unless it is already there.
+# Unpacks the standard library of Debian architecture $1 for rustc-web $2 into the sysroot.
+unpack_std() {
+    local arch=$1 v=$2 dir="$CROSS_CACHE/$2" deb tmp
+    deb="$CROSS_CACHE/$STD_PACKAGE-$v-$arch.deb"
+    fetch_std_deb "$arch" "$v" "$deb"
+    tmp=$(mktemp -d "$dir/tmp-XXXXXX")
+    dpkg-deb -x "$deb" "$tmp" || die "could not unpack $deb"
+    mkdir -p "$dir/usr/lib/rustlib"
+    # One target folder per architecture: the two unpack side by side.
+    cp -a "$tmp"/usr/lib/rustlib/. "$dir/usr/lib/rustlib/"
+    rm -rf "$tmp" "$deb"
+    touch "$dir/.unpacked-$arch"
+}
+
+# Installs the toolchain, unless it is already there.
 install_toolchain() {
-    local v pkgs debs arch have list
+    local v pkgs arch
+    if dpkg --print-foreign-architectures 2>/dev/null | grep -qxE 'arm64|armhf'; then
+        log "warning: dpkg has arm64/armhf multiarch (an earlier setup?); a multiarch libc6 there can be mixed with the cross loader under qemu: see cross/README.md"
+    fi
     if toolchain_ready; then
         return 0
     fi
     command -v apt-get >/dev/null || die "needs Debian (apt-get) to install the cross toolchain"
-    log "installing Debian's Rust cross toolchain (rustc-web), cross linkers, qemu-user"
-    as_root dpkg --add-architecture arm64
-    as_root dpkg --add-architecture armhf
-    apt_update_robust
+    mkdir -p "$CROSS_CACHE"
+    : >"$CROSS_CACHE/download.log"
+    log "installing Debian's rustc-web, the cross linkers and qemu-user (native packages only)"
+    # A failed index of some other suite or architecture must not stop us: the candidate
+    # check below says whether what we need is there.
+    as_root apt-get update >"$CROSS_CACHE/apt.log" 2>&1 ||
+        log "apt-get update reported errors (see $CROSS_CACHE/apt.log); going on"
     v=$(candidate_version rustc-web)
-    [ -n "$v" ] || die "apt offers no rustc-web"
+    [ -n "$v" ] || die "apt offers no rustc-web (is bookworm-security or bookworm-updates in the sources?)"
     check_rust_version "$v"
-    pkgs=("rustc-web=$v" "${CROSS_PACKAGES[@]}")
-    debs=()
-    for arch in arm64 armhf; do
-        have=$(apt-cache madison "libstd-rust-web-dev:$arch" 2>/dev/null | awk -v v="$v" '$3 == v')
-        if [ -n "$have" ]; then
-            pkgs+=("libstd-rust-web-dev:$arch=$v")
-        else
-            list=$(mktemp)
-            fetch_unindexed "$arch" libstd-rust-web-dev "$v" >"$list" ||
-                die "could not fetch libstd-rust-web-dev:$arch $v"
-            mapfile -t -O "${#debs[@]}" debs <"$list"
-            rm -f "$list"
-        fi
-    done
+    pkgs=("rustc-web=$v" "${NATIVE_PACKAGES[@]}")
     # A fresh machine may have no cargo at all: Debian's matches its rustc.
     command -v cargo >/dev/null || pkgs+=("cargo-web=$v")
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        "${pkgs[@]}" "${debs[@]}" >&2
-    toolchain_ready || die "toolchain install incomplete (rustc-web and libstd-rust-web-dev versions differ?)"
+    apt_quiet install -y --no-install-recommends "${pkgs[@]}"
+    for arch in arm64 armhf; do
+        [ -f "$CROSS_CACHE/$v/.unpacked-$arch" ] || { mkdir -p "$CROSS_CACHE/$v" && unpack_std "$arch" "$v"; }
+    done
+    # Older versions' sysroots are of no use to this rustc.
+    find "$CROSS_CACHE" -mindepth 1 -maxdepth 1 -type d ! -name "$v" -exec rm -rf {} +
+    toolchain_ready || die "toolchain install incomplete"
 }
 
 # Fails when Debian's rustc (package version $1, e.g. 1.96.0+dfsg1-1~deb12u2) is older than
@@ -272,16 +263,19 @@ check_rust_version() {
     fi
 }
 
-# Exports cargo's per-target settings: Debian's rustc, the cross linker, and qemu as the
-# runner (so `cargo test --target …` runs the tests under emulation).
+# Exports cargo's per-target settings: Debian's rustc, the private sysroot, the cross linker,
+# and qemu as the runner (so `cargo test --target …` runs the tests under emulation). Host
+# artifacts (build scripts, proc macros) get neither the sysroot nor the linker: cargo
+# applies CARGO_TARGET_<triple>_* to that target only.
 cross_env() {
-    local t up gnu
+    local t up sysroot
     export RUSTC=$DEB_RUSTC
+    sysroot=$(sysroot_for "$(installed_version rustc-web)")
     for t in "${CROSS_TARGETS[@]}"; do
         up=$(echo "$t" | tr 'a-z-' 'A-Z_')
-        gnu=$(gnu_triple "$t")
-        export "CARGO_TARGET_${up}_LINKER=$gnu-gcc"
-        export "CARGO_TARGET_${up}_RUNNER=$(qemu_for "$t") -L $QEMU_SYSROOT"
+        export "CARGO_TARGET_${up}_LINKER=$(gnu_triple "$t")-gcc"
+        export "CARGO_TARGET_${up}_RUNNER=$(qemu_for "$t") -L $(qemu_prefix "$t")"
+        export "CARGO_TARGET_${up}_RUSTFLAGS=--sysroot=$sysroot"
     done
 }
 

@@ -44,6 +44,28 @@ binary_of() {
     esac
 }
 
+# For an ARM binary, dpkg-shlibdeps finds the libraries in the -cross packages' tree.
+cross_libdir() {
+    case "$1" in
+        arm64) echo -l/usr/aarch64-linux-gnu/lib ;;
+        armhf) echo -l/usr/arm-linux-gnueabihf/lib ;;
+    esac
+}
+
+# The -cross packages' shlibs/symbols files name themselves ("libc6:arm64 (>= 2.36)",
+# "libgcc-s1-arm64-cross (>= 4.2)"): turn them into the packages a Pi has, libc6 and
+# libgcc-s1. libc6-*-cross ships only a shlibs file, whose version is that of the whole
+# library (2.36); the binary's newest GLIBC_ version reference is the real minimum, the one
+# a symbols file would give.
+native_depends() {
+    local arch=$1 deps=$2 bin=$3 glibc
+    deps=$(echo "$deps" | sed -E "s/:$arch//g; s/-$arch-cross//g")
+    glibc=$(LC_ALL=C readelf -V "$bin" | grep -oE 'GLIBC_[0-9]+(\.[0-9]+)+' | sed 's/GLIBC_//' |
+        sort -uV | tail -n 1)
+    [ -n "$glibc" ] || die "no GLIBC_ version reference in $bin"
+    echo "$deps" | sed -E "s/libc6 \(>= [^)]*\)/libc6 (>= $glibc)/"
+}
+
 mkdir -p target/debian
 for arch in "${arches[@]}"; do
     work=target/debian/build-$arch
@@ -68,9 +90,10 @@ EOF
 
     # Library dependencies from the binary itself (libc6, libgcc-s1 for unwinding).
     printf 'Source: straycat\n\nPackage: straycat\nArchitecture: any\n' >"$work/debian/control"
-    depends=$(cd "$work" && DEB_HOST_ARCH=$arch dpkg-shlibdeps -O debian/straycat/usr/bin/straycat |
-        sed -n 's/^shlibs:Depends=//p')
+    depends=$(cd "$work" && DEB_HOST_ARCH=$arch dpkg-shlibdeps $(cross_libdir "$arch") \
+        -O debian/straycat/usr/bin/straycat | sed -n 's/^shlibs:Depends=//p')
     [ -n "$depends" ] || die "dpkg-shlibdeps found no dependencies for $arch"
+    [ "$arch" = amd64 ] || depends=$(native_depends "$arch" "$depends" "$(binary_of "$arch")")
 
     cat >"$root/DEBIAN/control" <<EOF
 Package: straycat

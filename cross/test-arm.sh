@@ -62,7 +62,8 @@ log "cargo test --target aarch64-unknown-linux-gnu --all-targets (under qemu-aar
     cross_env
     # The straycat the tests spawn runs through binfmt's qemu, which takes its `-L` from here
     # (the runner passes -L to the test binaries themselves).
-    export QEMU_LD_PREFIX=$QEMU_SYSROOT
+    QEMU_LD_PREFIX=$(qemu_prefix aarch64-unknown-linux-gnu)
+    export QEMU_LD_PREFIX
     # --all-targets: everything but the doctests, which need a rustdoc for the target
     # (Debian ships none with rustc-web); tests/all.sh runs them on the host.
     cargo test --locked --target aarch64-unknown-linux-gnu --all-targets
@@ -78,7 +79,7 @@ env -u RUSTC cargo build --locked --quiet --example chat
 pid=""
 trap '[ -z "$pid" ] || kill "$pid" 2>/dev/null || true' EXIT
 start_healthy target/armv7-smoke.log \
-    qemu-arm -L "$QEMU_SYSROOT" "$bin" --listen "127.0.0.1:{port}" --log-level info ||
+    qemu-arm -L "$(qemu_prefix armv7-unknown-linux-gnueabihf)" "$bin" --listen "127.0.0.1:{port}" --log-level info ||
     die "the armv7 binary never answered /health"
 echo "GET /health: $(http_get "$port" /health | tail -n 1)"
 reply=$(echo "hello from the pi" | timeout 20 target/debug/examples/chat "ws://127.0.0.1:$port/ws/smoke")
