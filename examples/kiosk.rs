@@ -313,8 +313,8 @@ mod tests {
     use super::*;
     use serde_json::Map;
     use std::sync::mpsc;
+    use straycat::UserId;
     use straycat::agent::{CancelToken, HistoryEntry, Stream};
-    use straycat::protocol::UserId;
 
     /// The help desk without pauses, so tests run in microseconds.
     fn desk() -> HelpDesk {

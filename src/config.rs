@@ -109,140 +109,272 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// One option: its flag, value name (empty for a switch), default shown in help, and help text.
+/// One option, written once: `--help`, the environment variable, the parser and the default
+/// shown all come from this entry, so they cannot drift apart. The default *value* lives in
+/// `Config::default()` alone; `show` renders it.
 struct Opt {
+    /// The flag without `--`; the environment variable is derived from it (`env_name`).
     name: &'static str,
+    /// Value name in `--help` and in "needs a value" errors; empty for a switch.
     value: &'static str,
-    default: &'static str,
+    /// One line of `--help`.
     help: &'static str,
+    /// Parses a value into the option's field.
+    set: fn(&mut Config, &Value<'_>) -> Result<(), ConfigError>,
+    /// The field in a form `set` accepts back, so the default that `--help`, the README and
+    /// /etc/default/straycat show can be checked by a round trip.
+    show: fn(&Config) -> String,
 }
 
+impl Opt {
+    /// `--name VALUE`, or `--name` for a switch: as `--help` and the README write it.
+    fn flag(&self) -> String {
+        if self.value.is_empty() {
+            format!("--{}", self.name)
+        } else {
+            format!("--{} {}", self.name, self.value)
+        }
+    }
+
+    /// The default as `--help` prints it: an empty value (no API key) reads "none".
+    fn shown_default(&self) -> String {
+        let shown = (self.show)(&Config::default());
+        if shown.is_empty() {
+            "none".to_string()
+        } else {
+            shown
+        }
+    }
+}
+
+/// A value given to an option, with where it came from (`--flag` or `STRAYCAT_*`), which
+/// every error names so a bad line in an environment file can be found.
+struct Value<'a> {
+    text: &'a str,
+    origin: &'a str,
+}
+
+impl Value<'_> {
+    fn bad(&self, what: &str) -> ConfigError {
+        ConfigError(format!(
+            "invalid value '{}' for {}: {what}",
+            self.text, self.origin
+        ))
+    }
+
+    fn count(&self, min: u64) -> Result<u64, ConfigError> {
+        match self.text.trim().parse::<u64>() {
+            Ok(n) if n >= min => Ok(n),
+            Ok(_) => Err(self.bad(&format!("must be at least {min}"))),
+            Err(_) => Err(self.bad("expected a whole number")),
+        }
+    }
+
+    fn size(&self, min: u64) -> Result<usize, ConfigError> {
+        // Past usize (32-bit boards) a limit is as good as none.
+        self.count(min)
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    // Deadlines are `Instant + Duration`, which panics on overflow: a year is longer than
+    // any sensible timeout and far from the limit.
+    fn secs(&self, min: u64) -> Result<Duration, ConfigError> {
+        match self.count(min)? {
+            n if n > MAX_SECS => Err(self.bad(&format!("must be at most {MAX_SECS} (a year)"))),
+            n => Ok(Duration::from_secs(n)),
+        }
+    }
+
+    fn millis(&self, min: u64) -> Result<Duration, ConfigError> {
+        match self.count(min)? {
+            n if n > MAX_SECS * 1000 => Err(self.bad("must be at most a year")),
+            n => Ok(Duration::from_millis(n)),
+        }
+    }
+
+    fn switch(&self) -> Result<bool, ConfigError> {
+        match self.text {
+            "1" | "true" | "yes" | "on" => Ok(true),
+            "0" | "false" | "no" | "off" => Ok(false),
+            _ => Err(self.bad("expected true or false")),
+        }
+    }
+}
+
+/// How `show` writes a switch; `Value::switch` reads both words back.
+fn on_off(on: bool) -> String {
+    if on { "on" } else { "off" }.to_string()
+}
+
+/// Every option, in `--help` order (the README table and /etc/default/straycat are checked
+/// against it by the tests below).
 const OPTS: &[Opt] = &[
     Opt {
         name: "listen",
         value: "ADDR",
-        default: "0.0.0.0:1865",
         help: "address and port to listen on",
+        set: |c, v| {
+            v.text
+                .trim()
+                .parse()
+                .map(|a| c.listen = a)
+                .map_err(|_| v.bad("expected IP:PORT, e.g. 0.0.0.0:1865"))
+        },
+        show: |c| c.listen.to_string(),
     },
     Opt {
         name: "workers",
         value: "N",
-        default: "2",
         help: "worker threads that run agent turns",
+        set: |c, v| v.size(1).map(|n| c.workers = n.min(1024)),
+        show: |c| c.workers.to_string(),
     },
     Opt {
         name: "max-queued-turns",
         value: "N",
-        default: "8",
         help: "turns a user may queue behind the running one; past it: error Busy",
+        set: |c, v| v.size(0).map(|n| c.max_queued_turns = n),
+        show: |c| c.max_queued_turns.to_string(),
     },
     Opt {
         name: "turn-timeout-secs",
         value: "SECS",
-        default: "120",
         help: "a turn running longer ends with error Timeout",
+        set: |c, v| v.secs(1).map(|d| c.turn_timeout = d),
+        show: |c| c.turn_timeout.as_secs().to_string(),
     },
     Opt {
         name: "echo-delay-ms",
         value: "MS",
-        default: "0",
         help: "pause of the echo agent before each word (simulates a slow model)",
+        set: |c, v| v.millis(0).map(|d| c.echo_delay = d),
+        show: |c| c.echo_delay.as_millis().to_string(),
     },
     Opt {
         name: "ping-interval-secs",
         value: "SECS",
-        default: "20",
         help: "ping every open socket this often",
+        set: |c, v| v.secs(1).map(|d| c.ping_interval = d),
+        show: |c| c.ping_interval.as_secs().to_string(),
     },
     Opt {
         name: "ping-timeout-secs",
         value: "SECS",
-        default: "20",
         help: "drop a socket silent this long after a ping (close 1011)",
+        set: |c, v| v.secs(1).map(|d| c.ping_timeout = d),
+        show: |c| c.ping_timeout.as_secs().to_string(),
     },
     Opt {
         name: "max-message-bytes",
         value: "BYTES",
-        default: "65536",
         help: "largest incoming message; larger: close 1009",
+        set: |c, v| v.size(16).map(|n| c.max_message_bytes = n),
+        show: |c| c.max_message_bytes.to_string(),
     },
     Opt {
         name: "max-connections",
         value: "N",
-        default: "1024",
         help: "connections kept at once; past it: HTTP 503",
+        set: |c, v| v.size(1).map(|n| c.max_connections = n),
+        show: |c| c.max_connections.to_string(),
     },
     Opt {
         name: "max-buffered-bytes",
         value: "BYTES",
-        default: "1048576",
         help: "unsent bytes per connection; past it: close 1008, frames stay held",
+        set: |c, v| v.size(1024).map(|n| c.max_buffered_bytes = n),
+        show: |c| c.max_buffered_bytes.to_string(),
     },
     Opt {
         name: "api-key",
         value: "KEY",
-        default: "",
         help: "require ?token=KEY on /ws upgrades (else HTTP 403)",
+        // An empty value (`STRAYCAT_API_KEY=` in an environment file) means no key.
+        set: |c, v| {
+            c.api_key = Some(v.text.to_string()).filter(|k| !k.is_empty());
+            Ok(())
+        },
+        show: |c| c.api_key.clone().unwrap_or_default(),
     },
     Opt {
         name: "session-ttl-secs",
         value: "SECS",
-        default: "3600",
         help: "drop a session with no socket and no work after this long",
+        set: |c, v| v.secs(1).map(|d| c.session_ttl = d),
+        show: |c| c.session_ttl.as_secs().to_string(),
     },
     Opt {
         name: "history-turns",
         value: "N",
-        default: "20",
         help: "conversation turns kept per session and handed to the agent",
+        set: |c, v| v.size(0).map(|n| c.history_turns = n),
+        show: |c| c.history_turns.to_string(),
     },
     Opt {
         name: "max-held-frames",
         value: "N",
-        default: "256",
         help: "frames kept per session for delivery and replay",
+        set: |c, v| v.size(1).map(|n| c.max_held_frames = n),
+        show: |c| c.max_held_frames.to_string(),
     },
     Opt {
         name: "max-held-bytes",
         value: "B",
-        default: "1048576",
         help: "bytes of frames kept per session (the newest frame always stays)",
+        set: |c, v| v.size(1024).map(|n| c.max_held_bytes = n),
+        show: |c| c.max_held_bytes.to_string(),
     },
     Opt {
         name: "max-held-bytes-total",
         value: "B",
-        default: "67108864",
         help: "bytes of frames kept by all sessions together; past it the largest give way",
+        set: |c, v| v.size(1024).map(|n| c.max_held_bytes_total = n),
+        show: |c| c.max_held_bytes_total.to_string(),
     },
     Opt {
         name: "max-history-bytes-total",
         value: "B",
-        default: "33554432",
         help: "bytes of history kept by all sessions together; past it the longest forget first",
+        set: |c, v| v.size(1024).map(|n| c.max_history_bytes_total = n),
+        show: |c| c.max_history_bytes_total.to_string(),
     },
     Opt {
         name: "max-sessions",
         value: "N",
-        default: "4096",
         help: "sessions kept at once; past it the longest-idle detached one goes",
+        set: |c, v| v.size(1).map(|n| c.max_sessions = n),
+        show: |c| c.max_sessions.to_string(),
     },
     Opt {
         name: "handshake-timeout-secs",
         value: "SECS",
-        default: "10",
         help: "time a client has to send its upgrade request",
+        set: |c, v| v.secs(1).map(|d| c.handshake_timeout = d),
+        show: |c| c.handshake_timeout.as_secs().to_string(),
     },
     Opt {
         name: "raw-echo",
         value: "",
-        default: "off",
         help: "serve /echo, a raw echo for the conformance suite and benchmarks",
+        set: |c, v| v.switch().map(|on| c.raw_echo = on),
+        show: |c| on_off(c.raw_echo),
     },
     Opt {
         name: "log-level",
         value: "LEVEL",
-        default: "info",
         help: "error, warn, info, debug, trace or off (RUST_LOG also works)",
+        set: |c, v| {
+            let level = v.text.trim().to_ascii_lowercase();
+            if !matches!(
+                level.as_str(),
+                "error" | "warn" | "info" | "debug" | "trace" | "off"
+            ) {
+                return Err(v.bad("expected error, warn, info, debug, trace or off"));
+            }
+            c.log_level = level;
+            Ok(())
+        },
+        show: |c| c.log_level.clone(),
     },
 ];
 
@@ -261,19 +393,11 @@ pub fn help_text() -> String {
         env!("CARGO_PKG_VERSION")
     );
     for opt in OPTS {
-        let flag = if opt.value.is_empty() {
-            format!("--{}", opt.name)
-        } else {
-            format!("--{} {}", opt.name, opt.value)
-        };
-        let default = if opt.default.is_empty() {
-            "none"
-        } else {
-            opt.default
-        };
         out.push_str(&format!(
-            "  {flag:<30} {} [default: {default}] [env: {}]\n",
+            "  {:<30} {} [default: {}] [env: {}]\n",
+            opt.flag(),
             opt.help,
+            opt.shown_default(),
             env_name(opt.name)
         ));
     }
@@ -292,8 +416,15 @@ where
 {
     let mut cfg = Config::default();
     for opt in OPTS {
-        if let Some(value) = env(&env_name(opt.name)) {
-            apply(&mut cfg, opt, &value, &env_name(opt.name).to_string())?;
+        let var = env_name(opt.name);
+        if let Some(text) = env(&var) {
+            (opt.set)(
+                &mut cfg,
+                &Value {
+                    text: &text,
+                    origin: &var,
+                },
+            )?;
         }
     }
     let mut args = args.into_iter();
@@ -317,7 +448,7 @@ where
                 "unknown option '--{name}' (try --help)"
             )));
         };
-        let value = if opt.value.is_empty() {
+        let text = if opt.value.is_empty() {
             inline.unwrap_or_else(|| "true".to_string())
         } else {
             match inline.or_else(|| args.next()) {
@@ -330,82 +461,15 @@ where
                 }
             }
         };
-        apply(&mut cfg, opt, &value, &format!("--{name}"))?;
+        (opt.set)(
+            &mut cfg,
+            &Value {
+                text: &text,
+                origin: &format!("--{name}"),
+            },
+        )?;
     }
     Ok(Command::Run(Box::new(cfg)))
-}
-
-fn apply(cfg: &mut Config, opt: &Opt, value: &str, origin: &str) -> Result<(), ConfigError> {
-    let bad = |what: &str| ConfigError(format!("invalid value '{value}' for {origin}: {what}"));
-    let count = |min: u64| -> Result<u64, ConfigError> {
-        match value.trim().parse::<u64>() {
-            Ok(n) if n >= min => Ok(n),
-            Ok(_) => Err(bad(&format!("must be at least {min}"))),
-            Err(_) => Err(bad("expected a whole number")),
-        }
-    };
-    let size = |min: u64| count(min).map(|n| usize::try_from(n).unwrap_or(usize::MAX));
-    // Deadlines are `Instant + Duration`, which panics on overflow: a year is longer than
-    // any sensible timeout and far from the limit.
-    let secs = |min: u64| match count(min)? {
-        n if n > MAX_SECS => Err(bad(&format!("must be at most {MAX_SECS} (a year)"))),
-        n => Ok(Duration::from_secs(n)),
-    };
-    let millis = |min: u64| match count(min)? {
-        n if n > MAX_SECS * 1000 => Err(bad("must be at most a year")),
-        n => Ok(Duration::from_millis(n)),
-    };
-    match opt.name {
-        "listen" => {
-            cfg.listen = value
-                .trim()
-                .parse()
-                .map_err(|_| bad("expected IP:PORT, e.g. 0.0.0.0:1865"))?
-        }
-        "workers" => cfg.workers = size(1)?.min(1024),
-        "max-queued-turns" => cfg.max_queued_turns = size(0)?,
-        "turn-timeout-secs" => cfg.turn_timeout = secs(1)?,
-        "echo-delay-ms" => cfg.echo_delay = millis(0)?,
-        "ping-interval-secs" => cfg.ping_interval = secs(1)?,
-        "ping-timeout-secs" => cfg.ping_timeout = secs(1)?,
-        "max-message-bytes" => cfg.max_message_bytes = size(16)?,
-        "max-connections" => cfg.max_connections = size(1)?,
-        "max-buffered-bytes" => cfg.max_buffered_bytes = size(1024)?,
-        "api-key" => {
-            cfg.api_key = if value.is_empty() {
-                None
-            } else {
-                Some(value.to_string())
-            }
-        }
-        "session-ttl-secs" => cfg.session_ttl = secs(1)?,
-        "history-turns" => cfg.history_turns = size(0)?,
-        "max-held-frames" => cfg.max_held_frames = size(1)?,
-        "max-held-bytes" => cfg.max_held_bytes = size(1024)?,
-        "max-held-bytes-total" => cfg.max_held_bytes_total = size(1024)?,
-        "max-history-bytes-total" => cfg.max_history_bytes_total = size(1024)?,
-        "max-sessions" => cfg.max_sessions = size(1)?,
-        "handshake-timeout-secs" => cfg.handshake_timeout = secs(1)?,
-        "raw-echo" => {
-            cfg.raw_echo = match value {
-                "1" | "true" | "yes" | "on" => true,
-                "0" | "false" | "no" | "off" => false,
-                _ => return Err(bad("expected true or false")),
-            }
-        }
-        "log-level" => {
-            let level = value.trim().to_ascii_lowercase();
-            if !matches!(
-                level.as_str(),
-                "error" | "warn" | "info" | "debug" | "trace" | "off"
-            ) {
-                return Err(bad("expected error, warn, info, debug, trace or off"));
-            }
-            cfg.log_level = level;
-        }
-        _ => return Err(bad("unknown option")),
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -469,6 +533,171 @@ mod tests {
                 .unwrap_err()
                 .0
                 .contains("STRAYCAT_PING_INTERVAL_SECS")
+        );
+    }
+
+    /// A value `opt` accepts and shows back unchanged, other than its default: the tests
+    /// move every option off its default with it. A new kind of option may need a candidate.
+    fn off_default(opt: &Opt) -> &'static str {
+        let default = (opt.show)(&Config::default());
+        ["1", "2", "2048", "127.0.0.1:9", "on", "debug"]
+            .into_iter()
+            .find(|text| {
+                let mut cfg = Config::default();
+                let value = Value {
+                    text,
+                    origin: "test",
+                };
+                *text != default && (opt.set)(&mut cfg, &value).is_ok() && (opt.show)(&cfg) == *text
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "--{}: no candidate off its default that it shows back",
+                    opt.name
+                )
+            })
+    }
+
+    fn set(cfg: &mut Config, opt: &Opt, text: &str) {
+        let value = Value {
+            text,
+            origin: "test",
+        };
+        if let Err(e) = (opt.set)(cfg, &value) {
+            panic!("--{}: {e}", opt.name);
+        }
+    }
+
+    /// Fails when a setter and its `show` name different fields, or two options share one:
+    /// the round trip below could not see that when both fields have the same default.
+    #[test]
+    fn every_option_sets_and_shows_its_own_field() {
+        let default = Config::default();
+        for opt in OPTS {
+            let mut cfg = Config::default();
+            let text = off_default(opt);
+            set(&mut cfg, opt, text);
+            assert_eq!((opt.show)(&cfg), text, "--{}", opt.name);
+            for other in OPTS.iter().filter(|o| o.name != opt.name) {
+                assert_eq!(
+                    (other.show)(&cfg),
+                    (other.show)(&default),
+                    "setting --{} changed --{}",
+                    opt.name,
+                    other.name
+                );
+            }
+        }
+    }
+
+    /// The default `--help` shows is the one `Config::default()` holds: every option moved
+    /// off its default and set back from what `show` printed gives the default config again.
+    #[test]
+    fn every_shown_default_sets_the_default_back() {
+        let default = Config::default();
+        let mut cfg = Config::default();
+        for opt in OPTS {
+            set(&mut cfg, opt, off_default(opt));
+        }
+        assert_ne!(format!("{cfg:?}"), format!("{default:?}"));
+        for opt in OPTS {
+            set(&mut cfg, opt, &(opt.show)(&default));
+        }
+        assert_eq!(format!("{cfg:?}"), format!("{default:?}"));
+    }
+
+    fn project_file(path: &str) -> String {
+        let full = format!("{}/{path}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{full}: {e}"))
+    }
+
+    /// `/etc/default/straycat` shows every option once, commented out at its default, and
+    /// nothing else that looks like a variable.
+    #[test]
+    fn default_file_shows_every_option_at_its_default() {
+        // No key is the default, but an empty line would not show what a key looks like.
+        const EXAMPLES: &[(&str, &str)] = &[("STRAYCAT_API_KEY", "change-me")];
+        let text = project_file("cross/straycat.default");
+        let mut found: Vec<(&str, &str)> = Vec::new();
+        for line in text.lines() {
+            let assignment = line.strip_prefix('#').unwrap_or(line);
+            let Some((var, value)) = assignment.split_once('=') else {
+                continue;
+            };
+            // Prose such as "# One VARIABLE=value per line" has spaces before the '='.
+            let is_var = !var.is_empty()
+                && var
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+            if !is_var {
+                continue;
+            }
+            assert!(line.starts_with('#'), "set rather than shown: {line}");
+            let opt = OPTS.iter().find(|o| env_name(o.name) == var);
+            let Some(opt) = opt else {
+                panic!("not an option: {line}");
+            };
+            // The package test starts straycat with every line of the file uncommented.
+            set(&mut Config::default(), opt, value);
+            found.push((var, value));
+        }
+        for opt in OPTS {
+            let var = env_name(opt.name);
+            let values: Vec<&str> = found
+                .iter()
+                .filter(|(v, _)| *v == var)
+                .map(|(_, value)| *value)
+                .collect();
+            let expected = match EXAMPLES.iter().find(|(v, _)| *v == var) {
+                Some((_, example)) => example.to_string(),
+                None => (opt.show)(&Config::default()),
+            };
+            assert_eq!(values, [expected.as_str()], "#{var}= lines");
+        }
+    }
+
+    /// The README's Options table is the one `--help` prints: one row per option, in the
+    /// same order, with its flag, environment variable and default.
+    #[test]
+    fn readme_table_matches_the_options() {
+        let readme = project_file("README.md");
+        let Some((_, section)) = readme.split_once("\n## Options\n") else {
+            panic!("README.md has no \"## Options\" section");
+        };
+        let section = section.split("\n## ").next().unwrap_or_default();
+        let mut lines = section.lines().filter(|l| l.starts_with('|'));
+        assert_eq!(lines.next(), Some("| option | env | default | meaning |"));
+        assert_eq!(lines.next(), Some("|---|---|---|---|"));
+        let rows: Vec<[String; 3]> = lines
+            .map(|line| {
+                let cells: Vec<&str> = line.splitn(5, '|').map(str::trim).collect();
+                assert_eq!(cells.len(), 5, "not a row of four cells: {line}");
+                // Backticks around a default are formatting only.
+                [cells[1], cells[2], cells[3].trim_matches('`')].map(str::to_string)
+            })
+            .collect();
+        let expected: Vec<[String; 3]> = OPTS
+            .iter()
+            .map(|opt| {
+                [
+                    format!("`{}`", opt.flag()),
+                    format!("`{}`", env_name(opt.name)),
+                    opt.shown_default(),
+                ]
+            })
+            .collect();
+        for (row, want) in rows.iter().zip(&expected) {
+            assert_eq!(row, want, "README.md Options row (flag, env, default)");
+        }
+        assert!(
+            rows.len() <= expected.len(),
+            "README.md Options rows that are no option: {:?}",
+            &rows[expected.len()..]
+        );
+        assert!(
+            rows.len() >= expected.len(),
+            "options missing from README.md: {:?}",
+            &expected[rows.len()..]
         );
     }
 

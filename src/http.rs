@@ -83,16 +83,20 @@ pub fn parse_head(buf: &[u8]) -> Head {
     }
 }
 
+/// The chat session an upgrade asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatTarget {
+    /// Whose session.
+    pub user: UserId,
+    /// `?since=N`: the client has every frame up to N.
+    pub since: Option<u64>,
+}
+
 /// What a request is routed to.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route {
     /// A chat session.
-    Chat {
-        /// Whose session.
-        user: UserId,
-        /// `?since=N`: the client has every frame up to N.
-        since: Option<u64>,
-    },
+    Chat(ChatTarget),
     /// The raw echo endpoint.
     Echo,
     /// `GET /health`.
@@ -170,7 +174,7 @@ pub fn route(req: &Request, api_key: Option<&str>, raw_echo: bool) -> Route {
     {
         return Route::Refuse(403, "missing or wrong token".into());
     }
-    Route::Chat { user, since }
+    Route::Chat(ChatTarget { user, since })
 }
 
 /// RFC 6455 §4.1: the key is 16 random bytes in base64, so 24 characters ending in `==`.
@@ -279,17 +283,17 @@ mod tests {
     fn routes() {
         assert_eq!(
             route(&upgrade("/ws"), None, false),
-            Route::Chat {
+            Route::Chat(ChatTarget {
                 user: UserId::default_user(),
                 since: None
-            }
+            })
         );
         assert_eq!(
             route(&upgrade("/ws/al%40ice?since=5&x=1"), None, false),
-            Route::Chat {
+            Route::Chat(ChatTarget {
                 user: UserId::parse("al@ice").unwrap(),
                 since: Some(5)
-            }
+            })
         );
         assert!(matches!(
             route(&upgrade("/ws/a%20b"), None, false),
@@ -339,7 +343,7 @@ mod tests {
         ));
         assert!(matches!(
             route(&upgrade("/ws/bob?token=s3cret"), Some("s3cret"), false),
-            Route::Chat { .. }
+            Route::Chat(_)
         ));
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));

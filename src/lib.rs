@@ -3,15 +3,19 @@
 //!
 //! # Layout
 //! - [`config`]: every option, its default and its `STRAYCAT_*` variable.
-//! - [`protocol`]: the wire format: user ids, client messages, the JSON frames sent back.
-//! - [`http`]: the request head: parsing, routing, HTTP answers.
-//! - [`session`]: a user's conversation, held frames, turns and resume rules; pure logic.
+//! - `protocol`: the wire format: user ids, client messages, the JSON frames sent back.
+//! - `http`: the request head: parsing, routing, HTTP answers.
+//! - `session`: a user's conversation (`session/mod.rs`) and the session table
+//!   (`session/table.rs`: routing, expiry, the cap, budgets; effects out); pure logic.
 //! - [`agent`]: the [`Agent`] trait that answers turns, and the built-in echo agent.
-//! - [`workers`]: the thread pool that runs agents, and the waker that brings results back.
-//! - [`conn`]: one connection's bytes: handshake, WebSocket, close.
-//! - [`timer`]: the deadline heap the event loop sleeps on.
-//! - [`server`]: the event loop that ties them together (accepting and the HTTP phase,
-//!   messages and frames, deadlines, each in a file of its own).
+//! - `workers`: the thread pool that runs agents, and the waker that brings results back.
+//! - `conn`: one connection: its phases (`conn/mod.rs`), the WebSocket with its
+//!   unsent-bytes accounting (`conn/ws.rs`), the counting socket (`conn/counted.rs`), the
+//!   heartbeat (`conn/heartbeat.rs`, pure).
+//! - `timer`: the deadline heap the event loop and the session table sleep on.
+//! - [`server`]: the event loop: the loop and shutdown (`server/mod.rs`), accepting and
+//!   the HTTP phase (`accept.rs`), socket I/O (`io.rs`), the session table's effects
+//!   (`effects.rs`), deadlines (`timers.rs`).
 //! - [`systemd`]: readiness and watchdog notifications, socket activation, the journal.
 //! - [`logging`]: log set-up for a terminal or the journal.
 
@@ -20,16 +24,17 @@
 
 pub mod agent;
 pub mod config;
-pub mod conn;
-pub mod http;
+mod conn;
+mod http;
 pub mod logging;
-pub mod protocol;
+mod protocol;
 pub mod server;
-pub mod session;
+mod session;
 pub mod systemd;
-pub mod timer;
-pub mod workers;
+mod timer;
+mod workers;
 
 pub use agent::{Agent, AgentError, EchoAgent, Turn, TurnOutput};
 pub use config::Config;
+pub use protocol::UserId;
 pub use server::{Server, ShutdownHandle};

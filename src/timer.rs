@@ -6,7 +6,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// A min-heap of deadlines for owners of type `K`.
 #[derive(Debug)]
@@ -37,19 +37,29 @@ impl<K: Ord> Timers<K> {
         }
     }
 
-    /// How long the loop may sleep before the next deadline (`None`: no deadline).
-    pub fn timeout(&self, now: Instant) -> Option<Duration> {
-        self.heap
-            .peek()
-            .map(|Reverse((at, _))| at.saturating_duration_since(now))
+    /// The earliest deadline (perhaps a stale one, which only costs an early wake-up).
+    pub fn next_at(&self) -> Option<Instant> {
+        self.heap.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// The earliest entry, due or not.
+    pub fn peek(&self) -> Option<(Instant, &K)> {
+        self.heap.peek().map(|Reverse((at, key))| (*at, key))
+    }
+
+    /// Drops the earliest entry (a stale one the owner no longer wants).
+    pub fn pop(&mut self) {
+        self.heap.pop();
     }
 
     /// Entries in the heap, stale ones included.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.heap.len()
     }
 
     /// Whether there are no entries.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.heap.is_empty()
     }
@@ -67,6 +77,7 @@ pub fn schedule<K: Ord>(timers: &mut Timers<K>, slot: &mut Option<Instant>, at: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn earliest_first_and_only_when_due() {
@@ -74,7 +85,7 @@ mod tests {
         let mut t = Timers::default();
         t.push(t0 + Duration::from_secs(5), "b");
         t.push(t0 + Duration::from_secs(1), "a");
-        assert_eq!(t.timeout(t0), Some(Duration::from_secs(1)));
+        assert_eq!(t.next_at(), Some(t0 + Duration::from_secs(1)));
         assert!(t.pop_due(t0).is_none());
         assert_eq!(
             t.pop_due(t0 + Duration::from_secs(5)).map(|e| e.1),

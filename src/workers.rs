@@ -32,6 +32,7 @@ pub enum TurnEvent {
 }
 
 /// A turn handed to the pool.
+#[derive(Debug)]
 pub struct Job {
     /// Where the results go.
     pub key: TurnKey,

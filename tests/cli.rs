@@ -112,3 +112,55 @@ fn log_goes_to_stderr() {
         "the log (`listening on` line) goes to stderr"
     );
 }
+
+fn project_file(path: &str) -> String {
+    let full = format!("{}/{path}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{full}: {e}"))
+}
+
+/// What the package test does on a device, here on every build: each `#STRAYCAT_X=value`
+/// line of /etc/default/straycat, uncommented, is accepted by the binary itself.
+#[test]
+fn default_file_values_are_accepted_by_the_binary() {
+    let text = project_file("cross/straycat.default");
+    let env: Vec<(&str, &str)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix('#'))
+        .filter(|l| l.starts_with("STRAYCAT_"))
+        .filter_map(|l| l.split_once('='))
+        .collect();
+    assert!(env.len() >= 17, "every option in straycat.default: {env:?}");
+    // The environment is read before the arguments, so --version exits 0 only if every
+    // variable parsed, and no port is bound.
+    let out = run(&["--version"], &env);
+    assert_eq!(out.status.code(), Some(0), "{env:?}: {out:?}");
+}
+
+/// The README says `straycat --help` prints its Options table: each row's flag, default and
+/// variable are on one line of the real output, and the output has no option more.
+#[test]
+fn help_agrees_with_the_readme_table() {
+    let out = run(&["--help"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let help = String::from_utf8_lossy(&out.stdout);
+    let readme = project_file("README.md");
+    let section = readme
+        .split_once("\n## Options\n")
+        .map(|(_, s)| s.split("\n## ").next().unwrap_or_default())
+        .expect("README.md has an Options section");
+    let rows: Vec<Vec<&str>> = section
+        .lines()
+        .filter(|l| l.starts_with("| `--"))
+        .map(|l| l.split('|').map(|c| c.trim().trim_matches('`')).collect())
+        .collect();
+    let option_lines: Vec<&str> = help.lines().filter(|l| l.contains("[env: ")).collect();
+    assert_eq!(rows.len(), option_lines.len(), "{rows:?}\n{help}");
+    for (row, line) in rows.iter().zip(&option_lines) {
+        let (flag, env, default) = (row[1], row[2], row[3]);
+        assert!(
+            line.trim_start().starts_with(&format!("{flag} "))
+                && line.ends_with(&format!("[default: {default}] [env: {env}]")),
+            "README row {row:?} against help line {line:?}"
+        );
+    }
+}

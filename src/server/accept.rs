@@ -1,9 +1,30 @@
-//! Accepting connections and their HTTP phase: reading the request head, answering,
-//! and turning an upgrade into a WebSocket attached to its session.
+//! Accepting connections and their HTTP phase: reading the request head, answering, and
+//! turning an upgrade into a WebSocket attached to its session.
 
-use super::*;
+use super::timers::TimerKey;
+use super::{Server, Slot};
+use crate::conn::{Conn, ConnId, HeadRead, Heartbeat, Kind, Stage, Upgrade};
+use crate::http::{self, Route};
+use log::{debug, error, info, warn};
+use mio::net::TcpStream;
+use mio::{Interest, Token};
+use std::borrow::Cow;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// How long a refused client is read from after its answer before the socket is dropped.
+const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Connections over the cap kept just long enough to be told 503 (beyond: dropped unread).
+const REFUSAL_SLACK: usize = 64;
+
+/// Pause before accepting again after the process ran out of file descriptors; without it
+/// an edge-triggered listener with a pending connection would spin the CPU.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 impl Server {
+    /// Accepts every pending connection.
     pub(super) fn accept(&mut self) {
         if self.accept_paused || self.stopping.is_some() {
             return;
@@ -20,7 +41,7 @@ impl Server {
                     );
                     self.accept_paused = true;
                     self.timers
-                        .push(Instant::now() + ACCEPT_BACKOFF, TimerKey::Accept);
+                        .push(self.now.mono + ACCEPT_BACKOFF, TimerKey::Accept);
                     return;
                 }
                 // A connection reset before we took it, and the like: only that one is lost.
@@ -29,8 +50,16 @@ impl Server {
         }
     }
 
-    pub(super) fn admit(&mut self, mut stream: TcpStream, peer: SocketAddr) {
-        let now = Instant::now();
+    /// Accepting may go on: a connection closed, or the back-off is over.
+    pub(super) fn resume_accept(&mut self) {
+        if self.accept_paused {
+            self.accept_paused = false;
+            self.accept();
+        }
+    }
+
+    fn admit(&mut self, mut stream: TcpStream, peer: SocketAddr) {
+        let now = self.now.mono;
         let _ = stream.set_nodelay(true);
         let live = self.conns.len() - self.refusing;
         let over_cap = live >= self.config.max_connections;
@@ -42,10 +71,7 @@ impl Server {
             let _ = stream.write(&http::refusal(503, "too many connections"));
             return;
         }
-        let id = ConnId {
-            slot: self.conns.vacant_key(),
-            generation: self.next_generation,
-        };
+        let id = ConnId::new(self.conns.vacant_key(), self.next_generation);
         self.next_generation += 1;
         let mut conn = if over_cap {
             warn!(
@@ -53,22 +79,16 @@ impl Server {
                 self.config.max_connections
             );
             self.refusing += 1;
-            Conn::refused(
-                id,
-                peer,
-                stream,
-                now,
-                now + LINGER_TIMEOUT,
-                http::refusal(503, "too many connections"),
-            )
+            let answer = http::refusal(503, "too many connections");
+            Conn::refused(id, peer, stream, now + LINGER_TIMEOUT, answer)
         } else {
             debug!("user=- peer={peer} connected");
-            Conn::new(id, peer, stream, now, now + self.config.handshake_timeout)
+            Conn::new(id, peer, stream, now + self.config.handshake_timeout)
         };
         let registered = match conn.stream_mut() {
             Some(s) => self.poll.registry().register(
                 s,
-                Token(id.slot),
+                Token(id.slot()),
                 Interest::READABLE | Interest::WRITABLE,
             ),
             None => Ok(()),
@@ -80,52 +100,56 @@ impl Server {
             }
             return;
         }
-        let deadline = conn.deadline;
-        self.conns.insert(conn);
-        self.schedule_conn(id, deadline);
+        let at = conn.poll_at();
+        self.conns.insert(Slot {
+            conn,
+            timer_at: None,
+            queued_read: false,
+        });
+        self.schedule_conn(id, at);
         if over_cap {
             self.on_writable(id);
         }
     }
 
+    /// The socket has data (or hung up).
     pub(super) fn on_readable(&mut self, id: ConnId) {
         let Some(conn) = self.conn(id) else { return };
-        match conn.phase {
-            Phase::Handshake { .. } => self.read_head(id),
-            Phase::Linger { .. } => {
+        match conn.stage() {
+            Some(Stage::Handshake) => self.read_head(id),
+            Some(Stage::Linger) => {
                 if conn.drain_linger() {
                     self.remove(id, "answered");
                 }
             }
-            Phase::Open(_) | Phase::Closing(_) => self.read_messages(id),
-            Phase::Respond { .. } | Phase::Gone => {}
+            Some(Stage::Open | Stage::Closing) => self.read_messages(id),
+            Some(Stage::Respond) | None => {}
         }
     }
 
+    /// The socket takes data again.
     pub(super) fn on_writable(&mut self, id: ConnId) {
+        let linger = self.now.mono + LINGER_TIMEOUT;
         let Some(conn) = self.conn(id) else { return };
-        match conn.phase {
-            Phase::Respond { .. } => {
-                let linger = Instant::now() + LINGER_TIMEOUT;
-                match conn.write_answer(linger) {
-                    Ok(Some((kind, rest))) => self.open(id, kind, rest),
-                    Ok(None) => {
-                        if matches!(conn.phase, Phase::Linger { .. }) {
-                            self.schedule_conn(id, linger);
-                            self.on_readable(id);
-                        }
+        match conn.stage() {
+            Some(Stage::Respond) => match conn.write_answer(linger) {
+                Ok(Some((upgrade, rest))) => self.open(id, upgrade, rest),
+                Ok(None) => {
+                    if conn.stage() == Some(Stage::Linger) {
+                        self.schedule_conn(id, linger);
+                        self.on_readable(id);
                     }
-                    Err(why) => self.remove(id, &why),
                 }
-            }
-            Phase::Open(_) | Phase::Closing(_) => self.flush(id),
+                Err(why) => self.remove(id, &why),
+            },
+            Some(Stage::Open | Stage::Closing) => self.flush(id),
             _ => {}
         }
     }
 
-    pub(super) fn read_head(&mut self, id: ConnId) {
+    fn read_head(&mut self, id: ConnId) {
         let Some(conn) = self.conn(id) else { return };
-        let peer = conn.peer;
+        let peer = conn.peer();
         match conn.read_head() {
             HeadRead::Partial => {}
             HeadRead::Gone => self.remove(id, "closed during the handshake"),
@@ -150,94 +174,87 @@ impl Server {
                     }
                     Route::Echo => {
                         let key = req.ws_key.unwrap_or_default();
-                        self.answer(id, http::upgrade_response(&key), Some((Kind::Echo, rest)));
+                        let answer = http::upgrade_response(&key);
+                        self.answer(id, answer, Some((Upgrade::Echo, rest)));
                     }
-                    Route::Chat { user, since } => {
-                        if !self.make_room_for(&user) {
+                    Route::Chat(target) => {
+                        if !self.sessions.make_room_for(&target.user) {
                             warn!(
-                                "user={user} peer={peer} refused with 503: session cap {} reached",
-                                self.config.max_sessions
+                                "user={} peer={peer} refused with 503: session cap {} reached",
+                                target.user, self.config.max_sessions
                             );
                             self.answer(id, http::refusal(503, "too many sessions"), None);
                             return;
                         }
                         let key = req.ws_key.unwrap_or_default();
-                        self.answer(
-                            id,
-                            http::upgrade_response(&key),
-                            Some((Kind::Chat { user, since }, rest)),
-                        );
+                        let answer = http::upgrade_response(&key);
+                        self.answer(id, answer, Some((Upgrade::Chat(target), rest)));
                     }
                 }
             }
         }
     }
 
-    pub(super) fn answer(&mut self, id: ConnId, bytes: Vec<u8>, upgrade: Option<(Kind, Vec<u8>)>) {
-        let deadline = Instant::now() + LINGER_TIMEOUT;
+    fn answer(&mut self, id: ConnId, bytes: Vec<u8>, upgrade: Option<(Upgrade, Vec<u8>)>) {
+        let deadline = self.now.mono + LINGER_TIMEOUT;
         if let Some(conn) = self.conn(id) {
-            conn.respond(bytes, upgrade, deadline);
+            conn.respond(Cow::Owned(bytes), upgrade, deadline);
             self.on_writable(id);
         }
     }
 
     /// The 101 went out: attach the WebSocket to its session.
-    pub(super) fn open(&mut self, id: ConnId, kind: Kind, rest: Vec<u8>) {
-        let now = self.now();
-        let ping_at = now.mono + self.config.ping_interval;
-        let ws_config = self.ws_config;
-        let max_unsent = self.config.max_buffered_bytes;
-        let Some(conn) = self.conn(id) else { return };
-        conn.upgrade(kind.clone(), rest, ws_config, max_unsent);
-        conn.last_rx = now.mono;
-        conn.next_ping = ping_at;
-        let peer = conn.peer;
-        conn.timer_at = None;
-        self.schedule_conn(id, ping_at);
-        if let Kind::Chat { user, since } = kind {
-            let limits = self.limits;
-            let epoch = self.next_generation;
-            self.next_generation += 1;
-            let (held_total, history_total) = (&self.held_total, &self.history_total);
-            let entry = self.sessions.entry(user.clone()).or_insert_with(|| {
-                let mut session = Session::new(user.clone(), now.mono);
-                session.count_held_in(Arc::clone(held_total));
-                session.count_history_in(Arc::clone(history_total));
-                Entry {
-                    session,
-                    timer_at: None,
-                    epoch,
-                }
-            });
-            let (replaced, frames) = entry.session.attach(id, since, &limits, now);
-            let epoch = entry.epoch;
-            if let Some(c) = conn_mut(&mut self.conns, id) {
-                c.session_epoch = epoch;
+    fn open(&mut self, id: ConnId, upgrade: Upgrade, rest: Vec<u8>) {
+        let now = self.now;
+        let heartbeat = Heartbeat::new(
+            now.mono,
+            self.config.ping_interval,
+            self.config.ping_timeout,
+        );
+        let (ws_config, max_unsent) = (self.ws_config, self.config.max_buffered_bytes);
+        let Some(peer) = self.conn(id).map(|c| c.peer()) else {
+            return;
+        };
+        let mut effects = std::mem::take(&mut self.effects);
+        let kind = match upgrade {
+            Upgrade::Echo => {
+                debug!("user=(echo) peer={peer} connected");
+                Kind::Echo
             }
-            info!(
-                "user={user} peer={peer} connected{}; {} frames to deliver",
-                since.map(|s| format!(" (since={s})")).unwrap_or_default(),
-                frames.len()
-            );
-            if let Some(old) = replaced
-                && let Some(old_conn) = self.conn(old)
-            {
+            Upgrade::Chat(target) => {
+                let at = self
+                    .sessions
+                    .attach(id, &target.user, target.since, now, &mut effects);
+                let frames = effects
+                    .iter()
+                    .filter(|e| matches!(e, crate::session::Effect::Send(..)))
+                    .count();
                 info!(
-                    "user={user} peer={} replaced by a new connection from {peer}",
-                    old_conn.peer
+                    "user={} peer={peer} connected{}; {frames} frames to deliver",
+                    target.user,
+                    target
+                        .since
+                        .map(|s| format!(" (since={s})"))
+                        .unwrap_or_default(),
                 );
-                old_conn.close(CloseCode::Normal, "replaced", now.mono + CLOSE_TIMEOUT);
-                self.schedule_conn(old, now.mono + CLOSE_TIMEOUT);
-                self.flush_queue.push(old);
+                Kind::Chat(at)
             }
-            for frame in frames {
-                self.write_to(id, frame);
-            }
-        } else {
-            debug!("user=(echo) peer={peer} connected");
+        };
+        if let Some(slot) = self.slot(id) {
+            slot.conn
+                .upgrade(kind, rest, ws_config, max_unsent, heartbeat);
+            slot.timer_at = None;
         }
+        self.schedule_conn(id, heartbeat.poll_at());
+        self.effects = effects;
+        self.apply_effects();
         // Data the client sent right behind its request is already in our buffer or the
         // kernel's, and no new readiness edge will announce it.
         self.queue_read(id);
     }
+}
+
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    // EMFILE, ENFILE, ENOBUFS, ENOMEM: out of descriptors or kernel memory.
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
 }

@@ -1,53 +1,40 @@
-//! The event loop: one thread, one `mio::Poll`, a slab of connections and a map of
-//! sessions. It accepts, moves bytes, routes messages to sessions and session frames to
-//! sockets, hands turns to the worker pool and takes their results back through the waker.
+//! The event loop: one thread, one `mio::Poll`, a slab of connections and the session
+//! table. It reads the clock once per iteration, moves bytes, hands what sockets say to the
+//! session table, and applies what the table answers (frames to send, sockets to close,
+//! turns to start). Agents run on the worker pool and come back through the waker.
+//!
+//! Files by owner: this one the loop and its shutdown; `accept.rs` accepting and the HTTP
+//! phase; `io.rs` WebSocket reads, writes, flushes and closes; `effects.rs` chat messages
+//! into the session table and its effects out; `timers.rs` the deadlines.
 
 mod accept;
-mod chat;
+mod effects;
+mod io;
 mod timers;
 
-use crate::agent::{Agent, Stream};
+use crate::agent::Agent;
 use crate::config::Config;
-use crate::conn::{Conn, HeadRead, Kind, Phase, READ_BUFFER_BYTES, WsRead, WsWrite};
-use crate::http::{self, Route};
-use crate::protocol::{ErrorName, Held, UserId, parse_client_message, unix_now};
-use crate::session::{Accepted, ConnId, Limits, Now, Outgoing, Session};
+use crate::conn::{Conn, ConnId, READ_BUFFER_BYTES, Stage};
+use crate::protocol::unix_now;
+use crate::session::{Effect, Limits, Now, Sessions, TableLimits};
 use crate::systemd::SdNotify;
-use crate::timer::{Timers, schedule};
-use crate::workers::{Job, Notifier, Pool, TurnEvent, TurnKey};
-use log::{debug, error, info, warn};
-use mio::net::{TcpListener, TcpStream};
+use crate::timer::Timers;
+use crate::workers::{Notifier, Pool};
+use log::{error, info, warn};
+use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
-use std::collections::{HashMap, VecDeque};
-use std::io::{self, Write};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use tungstenite::Message;
+use timers::TimerKey;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::coding::CloseCode;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
-
-/// Messages read from one connection before the loop moves on to others (fairness: a
-/// flooding client gets its turn again on the next iteration, not the whole loop).
-const READ_BUDGET_MESSAGES: usize = 32;
-
-/// How long a close handshake we started may take before the socket is dropped.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How long a refused client is read from after its answer before the socket is dropped.
-const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Connections over the cap kept just long enough to be told 503 (beyond: dropped unread).
-const REFUSAL_SLACK: usize = 64;
-
-/// Pause before accepting again after the process ran out of file descriptors; without it
-/// an edge-triggered listener with a pending connection would spin the CPU.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// How long shutdown waits for close handshakes before exiting anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -77,7 +64,7 @@ impl ShutdownHandle {
     /// Starts the graceful shutdown on the first SIGTERM or SIGINT. The signals are read on
     /// a small thread of their own (signal-hook), which only calls [`ShutdownHandle::shutdown`]:
     /// nothing runs in a signal handler but signal-hook's own.
-    pub fn on_termination_signals(&self) -> io::Result<()> {
+    pub fn on_termination_signals(&self) -> std::io::Result<()> {
         let mut signals = signal_hook::iterator::Signals::new([
             signal_hook::consts::SIGTERM,
             signal_hook::consts::SIGINT,
@@ -96,22 +83,13 @@ impl ShutdownHandle {
     }
 }
 
-/// Something with a deadline.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum TimerKey {
-    Conn(usize, u64),
-    Session(UserId),
-    Accept,
-    Watchdog,
-}
-
-/// A session and its place in the timer heap.
-struct Entry {
-    session: Session,
+/// A connection and the loop's bookkeeping for it.
+struct Slot {
+    conn: Conn,
+    /// The instant this connection is scheduled in the timer heap for.
     timer_at: Option<Instant>,
-    /// Unique per session made: a closing socket of an expired session must not mark
-    /// frames of a new session of the same user as handed.
-    epoch: u64,
+    /// In `read_queue`.
+    queued_read: bool,
 }
 
 /// The server: everything the event loop owns.
@@ -119,30 +97,34 @@ pub struct Server {
     poll: Poll,
     listener: TcpListener,
     local_addr: SocketAddr,
-    conns: Slab<Conn>,
-    sessions: HashMap<UserId, Entry>,
+    conns: Slab<Slot>,
+    sessions: Sessions,
+    /// Connection deadlines, accept back-off and the watchdog (sessions keep their own).
     timers: Timers<TimerKey>,
     pool: Pool,
     config: Config,
-    limits: Limits,
+    /// Tungstenite's settings for every WebSocket (see `from_listener`).
     ws_config: WebSocketConfig,
+    /// The time, read once per loop iteration.
+    now: Now,
     /// Connections that may still have unread data (edge-triggered readiness will not
     /// tell us again), served one budget each per loop iteration.
     read_queue: VecDeque<ConnId>,
     /// Connections written to since the last flush.
     flush_queue: Vec<ConnId>,
-    /// Bytes of frames held by all sessions (each session keeps its share counted here).
-    held_total: Arc<AtomicUsize>,
-    /// Bytes of conversation history of all sessions, counted the same way.
-    history_total: Arc<AtomicUsize>,
+    /// What the session table asked for and the loop has not done yet; kept to reuse its
+    /// allocation.
+    effects: Vec<Effect>,
+    /// Generations of connections made, so a slot's later occupant is told from the first.
     next_generation: u64,
-    next_turn: u64,
     /// Connections being told 503 because the cap was reached.
     refusing: usize,
+    /// Accepting paused after running out of file descriptors.
     accept_paused: bool,
     started: Instant,
     shutdown_flag: Arc<AtomicBool>,
     shutdown_handle: ShutdownHandle,
+    /// Set by the shutdown: when the grace period ends.
     stopping: Option<Instant>,
     /// The service manager's notification socket, when run by systemd.
     sd_notify: Option<SdNotify>,
@@ -152,7 +134,7 @@ pub struct Server {
 
 impl Server {
     /// Binds the listener and starts the worker pool.
-    pub fn bind(config: Config, agent: Arc<dyn Agent>) -> io::Result<Server> {
+    pub fn bind(config: Config, agent: Arc<dyn Agent>) -> std::io::Result<Server> {
         let listener = TcpListener::bind(config.listen)?;
         Server::from_listener(listener, config, agent)
     }
@@ -162,7 +144,7 @@ impl Server {
         mut listener: TcpListener,
         config: Config,
         agent: Arc<dyn Agent>,
-    ) -> io::Result<Server> {
+    ) -> std::io::Result<Server> {
         let poll = Poll::new()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
@@ -171,13 +153,19 @@ impl Server {
         let pool = Pool::start(config.workers, agent, notifier.clone())?;
         let local_addr = listener.local_addr()?;
         let shutdown_flag = Arc::new(AtomicBool::new(false));
-        let limits = Limits {
-            history_turns: config.history_turns,
-            max_held_frames: config.max_held_frames,
-            max_held_bytes: config.max_held_bytes,
-            max_queued_turns: config.max_queued_turns,
-            turn_timeout: config.turn_timeout,
-        };
+        let sessions = Sessions::new(TableLimits {
+            session: Limits {
+                history_turns: config.history_turns,
+                max_held_frames: config.max_held_frames,
+                max_held_bytes: config.max_held_bytes,
+                max_queued_turns: config.max_queued_turns,
+                turn_timeout: config.turn_timeout,
+            },
+            ttl: config.session_ttl,
+            max_sessions: config.max_sessions,
+            max_held_bytes_total: config.max_held_bytes_total,
+            max_history_bytes_total: config.max_history_bytes_total,
+        });
         // Tungstenite's defaults (128 KiB read buffer, unbounded writes) are for servers
         // with gigabytes. Here: a small read buffer, and writes that only queue, so that we
         // flush once per loop iteration. The unsent-bytes bound is ours (`Conn::write`),
@@ -194,21 +182,19 @@ impl Server {
             listener,
             local_addr,
             conns: Slab::new(),
-            sessions: HashMap::new(),
+            sessions,
             timers: Timers::default(),
             shutdown_handle: ShutdownHandle {
                 flag: Arc::clone(&shutdown_flag),
                 notifier,
             },
             pool,
-            limits,
             ws_config,
+            now: clock(),
             read_queue: VecDeque::new(),
             flush_queue: Vec::new(),
-            held_total: Arc::default(),
-            history_total: Arc::default(),
+            effects: Vec::new(),
             next_generation: 1,
-            next_turn: 1,
             refusing: 0,
             accept_paused: false,
             started: Instant::now(),
@@ -240,7 +226,7 @@ impl Server {
     }
 
     /// Runs the event loop until shutdown. Only a failing `Poll` ends it with an error.
-    pub fn run(mut self) -> io::Result<()> {
+    pub fn run(mut self) -> std::io::Result<()> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         info!("straycat listening on {}", self.local_addr);
         if let Some(sd) = &self.sd_notify {
@@ -251,28 +237,32 @@ impl Server {
             self.timers.push(Instant::now(), TimerKey::Watchdog);
         }
         loop {
-            let now = Instant::now();
             let timeout = if self.read_queue.is_empty() {
-                self.timers.timeout(now)
+                let next = [self.timers.next_at(), self.sessions.poll_at()]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                next.map(|at| at.saturating_duration_since(Instant::now()))
             } else {
                 Some(Duration::ZERO)
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
-                if e.kind() == io::ErrorKind::Interrupted {
+                if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
                 return Err(e);
             }
+            self.now = clock();
             let mut woken = false;
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(),
                     WAKER => woken = true,
                     Token(slot) => {
-                        let Some(conn) = self.conns.get(slot) else {
+                        let Some(s) = self.conns.get(slot) else {
                             continue;
                         };
-                        let id = conn.id;
+                        let id = s.conn.id();
                         let hung_up = event.is_read_closed() || event.is_error();
                         let (writable, readable) =
                             (event.is_writable(), event.is_readable() || hung_up);
@@ -296,26 +286,13 @@ impl Server {
             }
             self.serve_read_queue();
             self.run_timers();
-            self.enforce_memory_budgets();
+            self.sessions.enforce_budgets();
             self.flush_all();
             self.pool.kick();
             if self.stopping.is_none() && self.shutdown_flag.load(Ordering::Acquire) {
                 self.begin_shutdown();
             }
-            if let Some(until) = self.stopping
-                && (self.conns.is_empty() || Instant::now() >= until)
-            {
-                let left = self.conns.len();
-                if left > 0 {
-                    warn!("shutdown grace period over: dropping {left} connections");
-                }
-                self.pool.close();
-                let busy = self.pool.reap(Instant::now() + WORKER_EXIT_WAIT);
-                if busy == 0 {
-                    info!("stopped");
-                } else {
-                    warn!("stopped; {busy} worker threads still busy are abandoned");
-                }
+            if self.shutdown_finished() {
                 return Ok(());
             }
         }
@@ -323,12 +300,12 @@ impl Server {
 
     /// Runs `f` for connection `id`; should it panic (a bug, in our code or a library's),
     /// only that connection is dropped and the loop serves everybody else.
-    pub(super) fn guarded(&mut self, id: ConnId, f: impl FnOnce(&mut Server)) {
+    fn guarded(&mut self, id: ConnId, f: impl FnOnce(&mut Server)) {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)));
         if outcome.is_err() {
             let (user, peer) = self
                 .conn(id)
-                .map(|c| (c.user().to_string(), c.peer.to_string()))
+                .map(|c| (c.user().to_string(), c.peer().to_string()))
                 .unwrap_or_default();
             error!(
                 "user={user} peer={peer} internal error while serving this connection; dropping it"
@@ -339,51 +316,16 @@ impl Server {
         }
     }
 
-    /// Past `--max-held-bytes-total`, the sessions holding the most bytes give up their
-    /// oldest frames (never a session's newest) until the total fits; past
-    /// `--max-history-bytes-total`, the sessions with the longest history forget their
-    /// oldest turns. Sessions are scanned only while over a budget.
-    pub(super) fn enforce_memory_budgets(&mut self) {
-        let shed = shed_until_within(
-            &mut self.sessions,
-            &self.held_total,
-            self.config.max_held_bytes_total,
-            |s| (s.held_frames() > 1).then(|| s.held_bytes()),
-            Session::shed_oldest,
-        );
-        if shed > 0 {
-            warn!(
-                "held frames over the server-wide budget of {} bytes: dropped the {shed} oldest of the largest sessions",
-                self.config.max_held_bytes_total
-            );
-        }
-        let shed = shed_until_within(
-            &mut self.sessions,
-            &self.history_total,
-            self.config.max_history_bytes_total,
-            |s| (s.history_bytes() > 0).then(|| s.history_bytes()),
-            Session::shed_oldest_turn,
-        );
-        if shed > 0 {
-            info!(
-                "history over the server-wide budget of {} bytes: the longest sessions forgot {shed} turns",
-                self.config.max_history_bytes_total
-            );
-        }
+    /// The connection `id` names, if the slot still holds that generation.
+    fn conn(&mut self, id: ConnId) -> Option<&mut Conn> {
+        self.slot(id).map(|s| &mut s.conn)
     }
 
-    pub(super) fn now(&self) -> Now {
-        Now {
-            mono: Instant::now(),
-            unix: unix_now(),
-        }
+    fn slot(&mut self, id: ConnId) -> Option<&mut Slot> {
+        slot_in(&mut self.conns, id)
     }
 
-    pub(super) fn conn(&mut self, id: ConnId) -> Option<&mut Conn> {
-        conn_mut(&mut self.conns, id)
-    }
-
-    pub(super) fn health_json(&self) -> String {
+    fn health_json(&self) -> String {
         serde_json::json!({
             "status": "ok",
             "version": env!("CARGO_PKG_VERSION"),
@@ -394,9 +336,9 @@ impl Server {
         .to_string()
     }
 
-    pub(super) fn begin_shutdown(&mut self) {
-        let now = Instant::now();
-        let until = now + SHUTDOWN_GRACE;
+    /// Stops accepting, cancels every turn, and closes every socket with 1001.
+    fn begin_shutdown(&mut self) {
+        let until = self.now.mono + SHUTDOWN_GRACE;
         info!(
             "shutting down: closing {} connections with 1001",
             self.conns.len()
@@ -406,61 +348,57 @@ impl Server {
             sd.send("STOPPING=1");
         }
         let _ = self.poll.registry().deregister(&mut self.listener);
-        for entry in self.sessions.values_mut() {
-            entry.session.cancel_all();
-        }
+        self.sessions.cancel_all();
         self.pool.close();
-        let ids: Vec<ConnId> = self.conns.iter().map(|(_, c)| c.id).collect();
-        for id in ids {
-            let open = self.conn(id).is_some_and(|c| c.is_open());
-            if open {
-                self.close_conn(id, CloseCode::Away, "server shutting down");
-                if let Some(c) = self.conn(id) {
-                    c.dirty = true;
-                }
-                self.flush_queue.push(id);
-            } else if self
-                .conn(id)
-                .is_some_and(|c| !matches!(c.phase, Phase::Closing(_)))
-            {
-                self.remove(id, "server shutting down");
+        let ids: Vec<(ConnId, Option<Stage>)> = self
+            .conns
+            .iter()
+            .map(|(_, s)| (s.conn.id(), s.conn.stage()))
+            .collect();
+        for (id, stage) in ids {
+            match stage {
+                Some(Stage::Open) => self.close_conn(id, CloseCode::Away, "server shutting down"),
+                Some(Stage::Closing) => {}
+                _ => self.remove(id, "server shutting down"),
             }
         }
         self.flush_all();
     }
-}
 
-/// While `total` is over `budget`, asks the session with the largest `size` (`None`: has
-/// nothing to give) to `shed`; returns how many times one did.
-fn shed_until_within(
-    sessions: &mut HashMap<UserId, Entry>,
-    total: &AtomicUsize,
-    budget: usize,
-    size: impl Fn(&Session) -> Option<usize>,
-    shed: impl Fn(&mut Session) -> bool,
-) -> usize {
-    let mut count = 0;
-    while total.load(Ordering::Relaxed) > budget {
-        let largest = sessions
-            .values_mut()
-            .filter_map(|e| size(&e.session).map(|n| (n, e)))
-            .max_by_key(|(n, _)| *n);
-        if !largest.is_some_and(|(_, e)| shed(&mut e.session)) {
-            break;
+    /// After the shutdown began: whether every socket is gone or the grace period is over;
+    /// then the worker threads are given a last moment and the loop may return.
+    fn shutdown_finished(&mut self) -> bool {
+        let Some(until) = self.stopping else {
+            return false;
+        };
+        if !self.conns.is_empty() && Instant::now() < until {
+            return false;
         }
-        count += 1;
+        let left = self.conns.len();
+        if left > 0 {
+            warn!("shutdown grace period over: dropping {left} connections");
+        }
+        self.pool.close();
+        let busy = self.pool.reap(Instant::now() + WORKER_EXIT_WAIT);
+        if busy == 0 {
+            info!("stopped");
+        } else {
+            warn!("stopped; {busy} worker threads still busy are abandoned");
+        }
+        true
     }
-    count
 }
 
-/// The connection `id` names, if the slot still holds that generation.
-pub(super) fn conn_mut(conns: &mut Slab<Conn>, id: ConnId) -> Option<&mut Conn> {
-    conns
-        .get_mut(id.slot)
-        .filter(|c| c.id.generation == id.generation)
+/// The slot of connection `id`, if it still holds that generation. A function of the slab
+/// alone, so that the rest of the server can be borrowed beside it.
+fn slot_in(conns: &mut Slab<Slot>, id: ConnId) -> Option<&mut Slot> {
+    conns.get_mut(id.slot()).filter(|s| s.conn.id() == id)
 }
 
-pub(super) fn is_resource_exhaustion(e: &io::Error) -> bool {
-    // EMFILE, ENFILE, ENOBUFS, ENOMEM: out of descriptors or kernel memory.
-    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
+/// The time, for deadlines and for the `when` of chat frames.
+fn clock() -> Now {
+    Now {
+        mono: Instant::now(),
+        unix: unix_now(),
+    }
 }

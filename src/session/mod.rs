@@ -3,24 +3,21 @@
 //! event loop calls in with the time and writes whatever comes out, so every rule of
 //! PROTOCOL.md about who gets which frame is unit-tested here without a socket.
 
+mod table;
+mod tally;
+
+pub use table::{Detached, Effect, SessionRef, Sessions, TableLimits};
+
 use crate::agent::{AgentError, CancelToken, HistoryEntry, Turn, Who};
+use crate::conn::ConnId;
 use crate::protocol::{ClientMessage, ErrorName, Held, UserId, encode_held, encode_token};
 use log::warn;
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
+use tally::Tally;
 use tungstenite::Utf8Bytes;
-
-/// Names a connection from outside the event loop. Slab slots are reused, so the
-/// generation tells a reference to an old occupant from one to the current.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ConnId {
-    /// The slab slot (also the mio token).
-    pub slot: usize,
-    /// Unique for the server's life.
-    pub generation: u64,
-}
 
 /// The session bounds from the configuration.
 #[derive(Clone, Copy, Debug)]
@@ -133,11 +130,6 @@ impl Session {
             ids: VecDeque::new(),
             idle_since: now,
         }
-    }
-
-    /// The session's user.
-    pub fn user(&self) -> &UserId {
-        &self.user
     }
 
     /// The attached connection.
@@ -513,48 +505,11 @@ impl Session {
     }
 }
 
-/// Bytes a session keeps of one kind (held frames, history), counted also in a total
-/// shared with the other sessions: the server's budget. What a session counts leaves the
-/// total again as it goes, and when the session is dropped.
-#[derive(Debug, Default)]
-struct Tally {
-    bytes: usize,
-    total: Arc<AtomicUsize>,
-}
-
-impl Tally {
-    fn get(&self) -> usize {
-        self.bytes
-    }
-
-    fn add(&mut self, n: usize) {
-        self.bytes += n;
-        self.total.fetch_add(n, Ordering::Relaxed);
-    }
-
-    fn sub(&mut self, n: usize) {
-        self.bytes -= n;
-        self.total.fetch_sub(n, Ordering::Relaxed);
-    }
-
-    /// Moves this tally's count from the total it was in to `total`.
-    fn count_in(&mut self, total: Arc<AtomicUsize>) {
-        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
-        total.fetch_add(self.bytes, Ordering::Relaxed);
-        self.total = total;
-    }
-}
-
-impl Drop for Tally {
-    fn drop(&mut self) {
-        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::{Map, Value};
+    use std::sync::atomic::Ordering;
 
     const LIMITS: Limits = Limits {
         history_turns: 2,
@@ -584,7 +539,7 @@ mod tests {
     }
 
     fn conn(slot: usize, generation: u64) -> ConnId {
-        ConnId { slot, generation }
+        ConnId::new(slot, generation)
     }
 
     /// Runs one message to completion with the echo reply.

@@ -1,0 +1,112 @@
+//! Chat messages into the session table, and what it answers back out: frames to sockets,
+//! replaced sockets closed, turns handed to the worker pool, and the pool's results.
+
+use super::Server;
+use super::io::CLOSE_TIMEOUT;
+use crate::agent::AgentError;
+use crate::conn::{ConnId, Kind};
+use crate::protocol::{ErrorName, parse_client_message};
+use crate::session::Effect;
+use crate::workers::TurnEvent;
+use log::{debug, error, info};
+use tungstenite::Message;
+use tungstenite::protocol::frame::coding::CloseCode;
+
+impl Server {
+    /// A message from an open WebSocket.
+    pub(super) fn on_message(&mut self, id: ConnId, msg: Message) {
+        let now = self.now;
+        let Some(conn) = self.conn(id) else { return };
+        let peer = conn.peer();
+        let Some(kind) = conn.kind().cloned() else {
+            return;
+        };
+        match (kind, msg) {
+            (Kind::Echo, m @ (Message::Text(_) | Message::Binary(_))) => {
+                let result = conn.write(m);
+                self.settle(id, result);
+            }
+            (Kind::Chat(at), Message::Text(text)) => match parse_client_message(text.as_str()) {
+                Ok(msg) => self.sessions.message(id, &at, msg, now, &mut self.effects),
+                Err(bad) => {
+                    info!("user={} peer={peer} invalid message: {}", at.user, bad.0);
+                    let (name, why) = (ErrorName::InvalidMessage, bad.0);
+                    self.sessions
+                        .error(id, &at, name, why, now, &mut self.effects);
+                }
+            },
+            (Kind::Chat(at), Message::Binary(_)) => {
+                info!("user={} peer={peer} sent a binary frame", at.user);
+                let why = "binary frames are not accepted; send JSON text".to_string();
+                let name = ErrorName::InvalidMessage;
+                self.sessions
+                    .error(id, &at, name, why, now, &mut self.effects);
+            }
+            (_, Message::Close(frame)) => {
+                debug!("user={} peer={peer} sent close {frame:?}", conn.user());
+                // Tungstenite queued the reply; the socket goes once it is flushed.
+                self.begin_closing(id);
+                self.detach(id);
+            }
+            _ => {}
+        }
+        self.apply_effects();
+    }
+
+    /// Takes the worker pool's results to the session table.
+    pub(super) fn drain_results(&mut self) {
+        while let Some((key, event)) = self.pool.try_result() {
+            self.sessions
+                .turn_event(&key, event, self.now, &mut self.effects);
+        }
+        self.apply_effects();
+    }
+
+    /// Does what the session table asked for, in order.
+    pub(super) fn apply_effects(&mut self) {
+        let mut batch = std::mem::take(&mut self.effects);
+        while !batch.is_empty() {
+            for effect in batch.drain(..) {
+                match effect {
+                    Effect::Send(id, frame) => self.write_to(id, frame),
+                    Effect::Replace(id) => self.replace(id),
+                    Effect::Start(job) => {
+                        let key = job.key.clone();
+                        if self.pool.submit(job) {
+                            continue;
+                        }
+                        error!(
+                            "user={} no worker thread is running; the turn fails",
+                            key.user
+                        );
+                        let failed = AgentError::Failed("no worker available".into());
+                        let event = TurnEvent::Done(Err(failed));
+                        self.sessions
+                            .turn_event(&key, event, self.now, &mut self.effects);
+                    }
+                }
+            }
+            // A failed start answered with more effects: they go next.
+            std::mem::swap(&mut batch, &mut self.effects);
+        }
+        self.effects = batch;
+    }
+
+    /// A newer socket took over `id`'s session: close it with 1000 `replaced`. What it had
+    /// queued still goes out during its close handshake.
+    fn replace(&mut self, id: ConnId) {
+        let deadline = self.now.mono + CLOSE_TIMEOUT;
+        let Some(conn) = self.conn(id) else { return };
+        info!(
+            "user={} peer={} replaced by a new connection; closing it with 1000",
+            conn.user(),
+            conn.peer()
+        );
+        let _ = conn.close(CloseCode::Normal, "replaced", deadline);
+        if let Some(slot) = self.slot(id) {
+            slot.timer_at = None;
+        }
+        self.schedule_conn(id, deadline);
+        self.flush_queue.push(id);
+    }
+}

@@ -1,0 +1,785 @@
+//! The session table: every user's session, found by user id, and the rules that span them:
+//! which socket may speak for a session, who gets which frame, when a turn starts, times out
+//! or a session expires, which session gives way at the cap, and the server-wide memory
+//! budgets. Pure: the time comes in as an argument, and what the event loop must do comes
+//! out as [`Effect`]s (send this frame to that connection, close that one, start this
+//! turn); the next instant the table wants to be woken at is [`Sessions::poll_at`].
+
+use super::{Accepted, Limits, Now, Outgoing, Session};
+use crate::agent::Stream;
+use crate::conn::ConnId;
+use crate::protocol::{ClientMessage, ErrorName, Held, UserId};
+use crate::timer::{Timers, schedule};
+use crate::workers::{Job, TurnEvent, TurnKey};
+use log::{debug, info, warn};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// A socket's reference to the session it was attached to. The epoch tells that session
+/// from a later one of the same user (the first expired and was made again): a closing
+/// socket of the old one must not mark the new one's frames as handed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRef {
+    /// Whose session.
+    pub user: UserId,
+    /// Unique per session made.
+    pub epoch: u64,
+}
+
+/// What the event loop must do on the table's behalf, in order.
+#[derive(Debug)]
+pub enum Effect {
+    /// Write this frame to that connection (if it is still open).
+    Send(ConnId, Outgoing),
+    /// Close that connection with 1000 `replaced`: a newer socket took over its session.
+    Replace(ConnId),
+    /// Run this turn; if it cannot be, tell [`Sessions::turn_event`] it failed.
+    Start(Job),
+}
+
+/// What [`Sessions::detach`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Detached {
+    /// The connection was not the session's attached one (replaced, or never attached).
+    NotAttached,
+    /// Detached; nothing was running.
+    Idle,
+    /// Detached while a turn was running: its reply will be held.
+    TurnRunning,
+}
+
+/// The bounds of the table, from the configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct TableLimits {
+    /// Per-session bounds.
+    pub session: Limits,
+    /// How long a session with no socket and no work is kept.
+    pub ttl: Duration,
+    /// Sessions at once.
+    pub max_sessions: usize,
+    /// Bytes of held frames of all sessions together.
+    pub max_held_bytes_total: usize,
+    /// Bytes of history of all sessions together.
+    pub max_history_bytes_total: usize,
+}
+
+/// A session and its place in the table's timer heap.
+#[derive(Debug)]
+struct Entry {
+    session: Session,
+    /// The instant this session is scheduled in `timers` for.
+    timer_at: Option<Instant>,
+    epoch: u64,
+}
+
+/// Every session, by user id.
+#[derive(Debug)]
+pub struct Sessions {
+    map: HashMap<UserId, Entry>,
+    /// Turn timeouts and expiry, one live entry per session (stale ones are skipped).
+    timers: Timers<UserId>,
+    limits: TableLimits,
+    /// Bytes of frames held by all sessions (each session keeps its share counted here).
+    held_total: Arc<AtomicUsize>,
+    /// Bytes of conversation history of all sessions, counted the same way.
+    history_total: Arc<AtomicUsize>,
+    next_epoch: u64,
+    next_turn: u64,
+}
+
+impl Sessions {
+    /// An empty table.
+    pub fn new(limits: TableLimits) -> Sessions {
+        Sessions {
+            map: HashMap::new(),
+            timers: Timers::default(),
+            limits,
+            held_total: Arc::default(),
+            history_total: Arc::default(),
+            next_epoch: 1,
+            next_turn: 1,
+        }
+    }
+
+    /// Sessions in the table.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Ensures a session for `user` exists or can be made: at the cap, the longest-idle
+    /// detached session goes. `false` when every session is busy (the upgrade gets 503).
+    pub fn make_room_for(&mut self, user: &UserId) -> bool {
+        if self.map.contains_key(user) || self.map.len() < self.limits.max_sessions {
+            return true;
+        }
+        // Only at the cap, so the scan is rare; a heap would cost memory on every session.
+        let oldest = self
+            .map
+            .iter()
+            .filter_map(|(u, e)| e.session.idle_since().map(|t| (t, u.clone())))
+            .min();
+        let Some((_, victim)) = oldest else {
+            return false;
+        };
+        let lost = self.map.get(&victim).map_or(0, |e| e.session.undelivered());
+        warn!(
+            "user={victim} session dropped to make room (session cap {}), {lost} undelivered frames",
+            self.limits.max_sessions
+        );
+        self.map.remove(&victim);
+        true
+    }
+
+    /// Attaches `conn` to `user`'s session (made if missing). The socket it replaces is
+    /// closed, then the frames owed are sent: with `since`, every held frame after it;
+    /// without, every held frame no socket has been handed yet.
+    pub fn attach(
+        &mut self,
+        conn: ConnId,
+        user: &UserId,
+        since: Option<u64>,
+        now: Now,
+        out: &mut Vec<Effect>,
+    ) -> SessionRef {
+        let limits = self.limits.session;
+        let entry = match self.map.get_mut(user) {
+            Some(e) => e,
+            None => {
+                let mut session = Session::new(user.clone(), now.mono);
+                session.count_held_in(Arc::clone(&self.held_total));
+                session.count_history_in(Arc::clone(&self.history_total));
+                let epoch = self.next_epoch;
+                self.next_epoch += 1;
+                self.map.entry(user.clone()).or_insert(Entry {
+                    session,
+                    timer_at: None,
+                    epoch,
+                })
+            }
+        };
+        let (replaced, frames) = entry.session.attach(conn, since, &limits, now);
+        out.extend(replaced.map(Effect::Replace));
+        out.extend(frames.into_iter().map(|f| Effect::Send(conn, f)));
+        SessionRef {
+            user: user.clone(),
+            epoch: entry.epoch,
+        }
+    }
+
+    /// Takes `conn` out of its session, which lives on, and starts its expiry clock if it
+    /// has nothing left to do.
+    pub fn detach(&mut self, conn: ConnId, at: &SessionRef, now: Instant) -> Detached {
+        let Some(entry) = self.entry_of(at) else {
+            return Detached::NotAttached;
+        };
+        if !entry.session.detach(conn, now) {
+            return Detached::NotAttached;
+        }
+        let running = entry.session.running().is_some();
+        self.schedule_idle(&at.user);
+        if running {
+            Detached::TurnRunning
+        } else {
+            Detached::Idle
+        }
+    }
+
+    /// Records that every frame up to `seq` reached the kernel of a socket of the session
+    /// `at` names: its attached one, or one still closing after it was replaced.
+    pub fn handed(&mut self, at: &SessionRef, seq: u64) {
+        if let Some(entry) = self.entry_of(at) {
+            entry.session.mark_handed(seq);
+        }
+    }
+
+    /// A chat message from `conn`. Only the attached socket speaks for its session: a
+    /// replaced one is closing and its messages are ignored.
+    pub fn message(
+        &mut self,
+        conn: ConnId,
+        at: &SessionRef,
+        msg: ClientMessage,
+        now: Now,
+        out: &mut Vec<Effect>,
+    ) {
+        let limits = self.limits.session;
+        let Some(entry) = self.attached(conn, at) else {
+            return;
+        };
+        match entry.session.accept(msg, &limits, now) {
+            Accepted::Queued => self.start_next(&at.user, now, out),
+            Accepted::StillRunning => {
+                debug!(
+                    "user={} resent a message that is still being answered",
+                    at.user
+                )
+            }
+            Accepted::Resend(frame) => out.push(Effect::Send(conn, frame)),
+            Accepted::Busy(frame) | Accepted::ReplyGone(frame) => {
+                out.push(Effect::Send(conn, frame))
+            }
+        }
+    }
+
+    /// Holds an error frame (a message that could not be read) for the session `conn` is
+    /// attached to, and sends it there.
+    pub fn error(
+        &mut self,
+        conn: ConnId,
+        at: &SessionRef,
+        name: ErrorName,
+        why: String,
+        now: Now,
+        out: &mut Vec<Effect>,
+    ) {
+        let limits = self.limits.session;
+        if let Some(entry) = self.attached(conn, at) {
+            let frame = entry
+                .session
+                .push(Held::Error(name, why), None, &limits, now);
+            out.push(Effect::Send(conn, frame));
+        }
+    }
+
+    /// Something the agent produced for turn `key`: a preview, a notification or the end.
+    /// The end starts the session's next queued turn. Events of a turn that already ended
+    /// (timed out) or of a session that is gone are dropped.
+    pub fn turn_event(&mut self, key: &TurnKey, event: TurnEvent, now: Now, out: &mut Vec<Effect>) {
+        let limits = self.limits.session;
+        let Some(entry) = self.map.get_mut(&key.user) else {
+            return;
+        };
+        let conn = entry.session.conn();
+        match event {
+            TurnEvent::Stream(Stream::Token(t)) => {
+                if let (Some(frame), Some(conn)) = (entry.session.token(key.turn_id, &t), conn) {
+                    out.push(Effect::Send(conn, frame));
+                }
+            }
+            TurnEvent::Stream(Stream::Notification(n)) => {
+                let frame = entry.session.notification(key.turn_id, n, &limits, now);
+                if let (Some(frame), Some(conn)) = (frame, conn) {
+                    out.push(Effect::Send(conn, frame));
+                }
+            }
+            TurnEvent::Done(outcome) => {
+                if let Err(e) = &outcome {
+                    warn!("user={} turn failed: {e}", key.user);
+                }
+                let Some(frame) = entry.session.finish(key.turn_id, outcome, &limits, now) else {
+                    return;
+                };
+                match conn {
+                    Some(conn) => out.push(Effect::Send(conn, frame)),
+                    None => info!(
+                        "user={} reply ready while away; held for the next connection",
+                        key.user
+                    ),
+                }
+                self.start_next(&key.user, now, out);
+                self.schedule_idle(&key.user);
+            }
+        }
+    }
+
+    /// The earliest instant [`Sessions::expire`] has something to do, if any. Entries that
+    /// went stale (rescheduled, or their session gone) are dropped on the way, so the loop
+    /// does not wake up for them.
+    pub fn poll_at(&mut self) -> Option<Instant> {
+        while let Some((at, user)) = self.timers.peek() {
+            if self.map.get(user).is_some_and(|e| e.timer_at == Some(at)) {
+                return Some(at);
+            }
+            self.timers.pop();
+        }
+        None
+    }
+
+    /// Ends the turns that ran past `--turn-timeout-secs` (and starts the next queued
+    /// ones), and drops the sessions idle for `--session-ttl-secs`.
+    pub fn expire(&mut self, now: Now, out: &mut Vec<Effect>) {
+        while let Some((at, user)) = self.timers.pop_due(now.mono) {
+            let Some(entry) = self.map.get_mut(&user) else {
+                continue;
+            };
+            if entry.timer_at != Some(at) {
+                continue;
+            }
+            entry.timer_at = None;
+            self.session_due(&user, now, out);
+        }
+    }
+
+    /// Past `--max-held-bytes-total`, the sessions holding the most bytes give up their
+    /// oldest frames (never a session's newest) until the total fits; past
+    /// `--max-history-bytes-total`, the sessions with the longest history forget their
+    /// oldest turns. Sessions are scanned only while over a budget.
+    pub fn enforce_budgets(&mut self) {
+        let budget = self.limits.max_held_bytes_total;
+        let shed = shed_until_within(
+            &mut self.map,
+            &self.held_total,
+            budget,
+            |s| (s.held_frames() > 1).then(|| s.held_bytes()),
+            Session::shed_oldest,
+        );
+        if shed > 0 {
+            warn!(
+                "held frames over the server-wide budget of {budget} bytes: dropped the {shed} oldest of the largest sessions"
+            );
+        }
+        let budget = self.limits.max_history_bytes_total;
+        let shed = shed_until_within(
+            &mut self.map,
+            &self.history_total,
+            budget,
+            |s| (s.history_bytes() > 0).then(|| s.history_bytes()),
+            Session::shed_oldest_turn,
+        );
+        if shed > 0 {
+            info!(
+                "history over the server-wide budget of {budget} bytes: the longest sessions forgot {shed} turns"
+            );
+        }
+    }
+
+    /// Cancels every running turn and forgets the queued ones (shutdown).
+    pub fn cancel_all(&mut self) {
+        for entry in self.map.values_mut() {
+            entry.session.cancel_all();
+        }
+    }
+
+    /// The session `at` names, if it is still that one.
+    fn entry_of(&mut self, at: &SessionRef) -> Option<&mut Entry> {
+        self.map.get_mut(&at.user).filter(|e| e.epoch == at.epoch)
+    }
+
+    /// The session `at` names, if `conn` is its attached socket.
+    fn attached(&mut self, conn: ConnId, at: &SessionRef) -> Option<&mut Entry> {
+        self.entry_of(at).filter(|e| e.session.conn() == Some(conn))
+    }
+
+    /// Starts `user`'s next queued turn if none is running.
+    fn start_next(&mut self, user: &UserId, now: Now, out: &mut Vec<Effect>) {
+        let limits = self.limits.session;
+        let turn_id = self.next_turn;
+        let Some(entry) = self.map.get_mut(user) else {
+            return;
+        };
+        let Some((turn, cancel)) = entry.session.start_next(turn_id, &limits, now) else {
+            return;
+        };
+        self.next_turn += 1;
+        schedule(
+            &mut self.timers,
+            &mut entry.timer_at,
+            now.mono + limits.turn_timeout,
+            user.clone(),
+        );
+        out.push(Effect::Start(Job {
+            key: TurnKey {
+                user: user.clone(),
+                turn_id,
+            },
+            turn,
+            cancel,
+        }));
+    }
+
+    /// Starts the expiry clock of `user`'s session if it has no socket and no work.
+    fn schedule_idle(&mut self, user: &UserId) {
+        let ttl = self.limits.ttl;
+        if let Some(entry) = self.map.get_mut(user)
+            && let Some(idle) = entry.session.idle_since()
+        {
+            schedule(
+                &mut self.timers,
+                &mut entry.timer_at,
+                idle + ttl,
+                user.clone(),
+            );
+        }
+    }
+
+    /// `user`'s deadline came: a turn timeout, the expiry, or neither any more.
+    fn session_due(&mut self, user: &UserId, now: Now, out: &mut Vec<Effect>) {
+        let limits = self.limits.session;
+        let ttl = self.limits.ttl;
+        let Some(entry) = self.map.get_mut(user) else {
+            return;
+        };
+        if let Some(frame) = entry.session.check_timeout(&limits, now) {
+            warn!(
+                "user={user} turn timed out after {} s",
+                limits.turn_timeout.as_secs()
+            );
+            if let Some(conn) = entry.session.conn() {
+                out.push(Effect::Send(conn, frame));
+            }
+            self.start_next(user, now, out);
+        }
+        let Some(entry) = self.map.get_mut(user) else {
+            return;
+        };
+        if let Some(idle) = entry.session.idle_since()
+            && now.mono >= idle + ttl
+        {
+            let lost = entry.session.undelivered();
+            if lost > 0 {
+                warn!(
+                    "user={user} session expired after {} s idle with {lost} undelivered frames",
+                    ttl.as_secs()
+                );
+            } else {
+                info!("user={user} session expired after {} s idle", ttl.as_secs());
+            }
+            self.map.remove(user);
+            return;
+        }
+        let next = match (entry.session.running(), entry.session.idle_since()) {
+            (Some((_, deadline)), _) => Some(deadline),
+            (None, Some(idle)) => Some(idle + ttl),
+            (None, None) => None,
+        };
+        if let Some(next) = next {
+            schedule(&mut self.timers, &mut entry.timer_at, next, user.clone());
+        }
+    }
+}
+
+/// While `total` is over `budget`, asks the session with the largest `size` (`None`: has
+/// nothing to give) to `shed`; returns how many times one did.
+fn shed_until_within(
+    sessions: &mut HashMap<UserId, Entry>,
+    total: &AtomicUsize,
+    budget: usize,
+    size: impl Fn(&Session) -> Option<usize>,
+    shed: impl Fn(&mut Session) -> bool,
+) -> usize {
+    let mut count = 0;
+    while total.load(Ordering::Relaxed) > budget {
+        let largest = sessions
+            .values_mut()
+            .filter_map(|e| size(&e.session).map(|n| (n, e)))
+            .max_by_key(|(n, _)| *n);
+        if !largest.is_some_and(|(_, e)| shed(&mut e.session)) {
+            break;
+        }
+        count += 1;
+    }
+    count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workers::TurnEvent;
+    use serde_json::{Map, Value};
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn limits() -> TableLimits {
+        TableLimits {
+            session: Limits {
+                history_turns: 4,
+                max_held_frames: 16,
+                max_held_bytes: 1 << 20,
+                max_queued_turns: 2,
+                turn_timeout: 30 * S,
+            },
+            ttl: 100 * S,
+            max_sessions: 2,
+            max_held_bytes_total: 1 << 20,
+            max_history_bytes_total: 1 << 20,
+        }
+    }
+
+    /// A fake clock: `at(n)` is `n` seconds after the start.
+    struct Clock(Instant);
+
+    impl Clock {
+        fn at(&self, secs: u64) -> Now {
+            Now {
+                mono: self.0 + Duration::from_secs(secs),
+                unix: 1000.0 + secs as f64,
+            }
+        }
+    }
+
+    fn user(name: &str) -> UserId {
+        UserId::parse(name).unwrap()
+    }
+
+    fn msg(text: &str, id: Option<&str>) -> ClientMessage {
+        ClientMessage {
+            text: text.into(),
+            id: id.map(String::from),
+            fields: Map::new(),
+        }
+    }
+
+    fn json(o: &Outgoing) -> Value {
+        serde_json::from_str(o.text.as_str()).unwrap()
+    }
+
+    /// The frames sent to `conn`, as JSON, and the jobs started.
+    fn split(out: &mut Vec<Effect>, conn: ConnId) -> (Vec<Value>, Vec<Job>) {
+        let (mut frames, mut jobs) = (Vec::new(), Vec::new());
+        for e in out.drain(..) {
+            match e {
+                Effect::Send(c, f) if c == conn => frames.push(json(&f)),
+                Effect::Start(job) => jobs.push(job),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        (frames, jobs)
+    }
+
+    /// Attaches `conn` to `name`, sends one message and answers it; returns the ref.
+    fn chat(t: &mut Sessions, conn: ConnId, name: &str, text: &str, now: Now) -> SessionRef {
+        let mut out = Vec::new();
+        let at = t.attach(conn, &user(name), None, now, &mut out);
+        t.message(conn, &at, msg(text, None), now, &mut out);
+        let (_, jobs) = split(&mut out, conn);
+        let done = TurnEvent::Done(Ok(text.to_uppercase()));
+        t.turn_event(&jobs[0].key, done, now, &mut out);
+        let (frames, _) = split(&mut out, conn);
+        assert_eq!(frames[0]["type"], "chat");
+        at
+    }
+
+    #[test]
+    fn a_detached_idle_session_expires_after_the_ttl_and_not_before() {
+        let clock = Clock(Instant::now());
+        let mut t = Sessions::new(limits());
+        let c = ConnId::new(0, 1);
+        let at = chat(&mut t, c, "ann", "hi", clock.at(0));
+        // The finished turn's deadline stays scheduled; it comes and does nothing.
+        assert_eq!(t.poll_at(), Some(clock.at(30).mono));
+        t.expire(clock.at(30), &mut Vec::new());
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.poll_at(), None, "attached: no expiry clock");
+        assert_eq!(t.detach(c, &at, clock.at(10).mono), Detached::Idle);
+        assert_eq!(t.poll_at(), Some(clock.at(110).mono));
+        let mut out = Vec::new();
+        t.expire(clock.at(109), &mut out);
+        assert_eq!(t.len(), 1);
+        t.expire(clock.at(110), &mut out);
+        assert_eq!(t.len(), 0, "expired at idle + ttl");
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_reconnect_stops_the_expiry_clock() {
+        let clock = Clock(Instant::now());
+        let mut t = Sessions::new(limits());
+        let (c1, c2) = (ConnId::new(0, 1), ConnId::new(0, 2));
+        let at = chat(&mut t, c1, "ann", "hi", clock.at(0));
+        t.detach(c1, &at, clock.at(10).mono);
+        let mut out = Vec::new();
+        let again = t.attach(c2, &user("ann"), None, clock.at(50), &mut out);
+        assert_eq!(again, at, "the same session, same epoch");
+        t.expire(clock.at(500), &mut out);
+        assert_eq!(t.len(), 1, "attached sessions never expire");
+        // Detached again: the clock starts from the new detach.
+        t.detach(c2, &at, clock.at(600).mono);
+        t.expire(clock.at(699), &mut out);
+        assert_eq!(t.len(), 1);
+        t.expire(clock.at(700), &mut out);
+        assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn a_running_turn_keeps_its_session_and_times_out() {
+        let clock = Clock(Instant::now());
+        let mut t = Sessions::new(limits());
+        let c = ConnId::new(0, 1);
+        let mut out = Vec::new();
+        let at = t.attach(c, &user("ann"), None, clock.at(0), &mut out);
+        t.message(c, &at, msg("slow", Some("m1")), clock.at(0), &mut out);
+        let (_, jobs) = split(&mut out, c);
+        assert_eq!(t.detach(c, &at, clock.at(1).mono), Detached::TurnRunning);
+        assert_eq!(t.poll_at(), Some(clock.at(30).mono), "the turn's deadline");
+        t.expire(clock.at(29), &mut out);
+        assert!(!jobs[0].cancel.is_cancelled());
+        t.expire(clock.at(30), &mut out);
+        assert!(jobs[0].cancel.is_cancelled(), "the agent is told to stop");
+        assert!(out.is_empty(), "nobody attached: the Timeout error is held");
+        // The late result is dropped; the held Timeout goes to the next socket.
+        let late = TurnEvent::Done(Ok("late".into()));
+        t.turn_event(&jobs[0].key, late, clock.at(31), &mut out);
+        assert!(out.is_empty());
+        let c2 = ConnId::new(1, 2);
+        t.attach(c2, &user("ann"), None, clock.at(32), &mut out);
+        let (frames, _) = split(&mut out, c2);
+        assert_eq!(frames.len(), 1);
+        assert_eq!(
+            (&frames[0]["name"], &frames[0]["reply_to"]),
+            (&Value::from("Timeout"), &Value::from("m1"))
+        );
+        // And the session expires a ttl after the turn ended, not after the detach.
+        t.detach(c2, &at, clock.at(33).mono);
+        t.expire(clock.at(132), &mut out);
+        assert_eq!(t.len(), 1);
+        t.expire(clock.at(133), &mut out);
+        assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn at_the_cap_the_longest_idle_detached_session_gives_way() {
+        let clock = Clock(Instant::now());
+        let mut t = Sessions::new(limits());
+        let (a, b) = (ConnId::new(0, 1), ConnId::new(1, 2));
+        let at_a = chat(&mut t, a, "ann", "hi", clock.at(0));
+        let at_b = chat(&mut t, b, "bob", "hi", clock.at(0));
+        assert!(
+            !t.make_room_for(&user("cat")),
+            "both attached: no room, 503"
+        );
+        assert!(
+            t.make_room_for(&user("ann")),
+            "an existing session needs no room"
+        );
+        t.detach(b, &at_b, clock.at(5).mono);
+        t.detach(a, &at_a, clock.at(7).mono);
+        assert!(t.make_room_for(&user("cat")));
+        assert_eq!(t.len(), 1);
+        // Bob had been idle longest: he went, and comes back to a new session.
+        let mut out = Vec::new();
+        let again = t.attach(ConnId::new(2, 3), &user("bob"), None, clock.at(8), &mut out);
+        assert_ne!(again.epoch, at_b.epoch);
+        assert!(out.is_empty(), "nothing of the old session");
+    }
+
+    #[test]
+    fn a_new_socket_replaces_the_old_and_only_the_attached_one_speaks() {
+        let clock = Clock(Instant::now());
+        let mut t = Sessions::new(limits());
+        let (old, new) = (ConnId::new(0, 1), ConnId::new(1, 2));
+        let mut out = Vec::new();
+        let at = t.attach(old, &user("ann"), None, clock.at(0), &mut out);
+        assert!(out.is_empty());
+        t.attach(new, &user("ann"), None, clock.at(1), &mut out);
+        assert!(matches!(out.as_slice(), [Effect::Replace(c)] if *c == old));
+        out.clear();
+        t.message(
+            old,
+            &at,
+            msg("from the old socket", None),
+            clock.at(2),
+            &mut out,
+        );
+        t.error(
+            old,
+            &at,
+            ErrorName::InvalidMessage,
+            "x".into(),
+            clock.at(2),
+            &mut out,
+        );
+        assert!(
+            out.is_empty(),
+            "a replaced socket does not speak for the session"
+        );
+        // Its late hang-up does not detach the new one.
+        assert_eq!(t.detach(old, &at, clock.at(3).mono), Detached::NotAttached);
+        t.message(new, &at, msg("hello", None), clock.at(3), &mut out);
+        let (_, jobs) = split(&mut out, new);
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].turn.text, "hello");
+    }
+
+    #[test]
+    fn handed_marks_count_only_for_the_same_session() {
+        let clock = Clock(Instant::now());
+        let mut t = Sessions::new(TableLimits { ttl: S, ..limits() });
+        let c1 = ConnId::new(0, 1);
+        let old = chat(&mut t, c1, "ann", "one", clock.at(0));
+        t.detach(c1, &old, clock.at(0).mono);
+        // Not handed: a plain reconnect gets the reply again.
+        let c2 = ConnId::new(1, 2);
+        let mut out = Vec::new();
+        t.attach(c2, &user("ann"), None, clock.at(0), &mut out);
+        let (frames, _) = split(&mut out, c2);
+        assert_eq!(frames.len(), 1);
+        t.handed(&old, 1);
+        t.detach(c2, &old, clock.at(0).mono);
+        let c3 = ConnId::new(2, 3);
+        t.attach(c3, &user("ann"), None, clock.at(0), &mut out);
+        assert!(out.is_empty(), "handed once: not sent again without since");
+        t.attach(c3, &user("ann"), Some(0), clock.at(0), &mut out);
+        assert_eq!(split(&mut out, c3).0.len(), 1, "since=0 replays it");
+
+        // The session expires and is made again: a mark from a socket of the old one
+        // must not count for the new one.
+        t.detach(c3, &old, clock.at(0).mono);
+        t.expire(clock.at(1), &mut out);
+        assert_eq!(t.len(), 0);
+        let c4 = ConnId::new(3, 4);
+        let new = chat(&mut t, c4, "ann", "two", clock.at(2));
+        assert_ne!(new.epoch, old.epoch);
+        t.detach(c4, &new, clock.at(2).mono);
+        t.handed(&old, 1);
+        let c5 = ConnId::new(4, 5);
+        t.attach(c5, &user("ann"), None, clock.at(2), &mut out);
+        let (frames, _) = split(&mut out, c5);
+        assert_eq!(frames.len(), 1, "the old epoch's mark was ignored");
+        assert_eq!(frames[0]["text"], "TWO");
+    }
+
+    #[test]
+    fn resume_replays_after_since_with_a_gap_first() {
+        let clock = Clock(Instant::now());
+        let mut t = Sessions::new(TableLimits {
+            session: Limits {
+                max_held_frames: 2,
+                ..limits().session
+            },
+            ..limits()
+        });
+        let c = ConnId::new(0, 1);
+        let mut at = None;
+        for word in ["one", "two", "three"] {
+            at = Some(chat(&mut t, c, "ann", word, clock.at(0)));
+        }
+        let at = at.unwrap();
+        t.detach(c, &at, clock.at(0).mono);
+        let mut out = Vec::new();
+        let c2 = ConnId::new(1, 2);
+        t.attach(c2, &user("ann"), Some(0), clock.at(1), &mut out);
+        let (frames, _) = split(&mut out, c2);
+        let seqs: Vec<u64> = frames.iter().map(|f| f["seq"].as_u64().unwrap()).collect();
+        assert_eq!(frames[0]["name"], "ResumeGap");
+        assert_eq!(seqs, [4, 2, 3], "the gap (a new frame), then what is held");
+    }
+
+    #[test]
+    fn over_the_budgets_the_largest_sessions_shed_first() {
+        let clock = Clock(Instant::now());
+        let mut t = Sessions::new(TableLimits {
+            max_held_bytes_total: 2000,
+            max_history_bytes_total: 300,
+            max_sessions: 10,
+            ..limits()
+        });
+        let big = "x".repeat(200);
+        let (a, b) = (ConnId::new(0, 1), ConnId::new(1, 2));
+        for _ in 0..3 {
+            chat(&mut t, a, "ann", &big, clock.at(0));
+        }
+        chat(&mut t, b, "bob", "hi", clock.at(0));
+        assert!(t.held_total.load(Ordering::Relaxed) > 2000);
+        assert!(t.history_total.load(Ordering::Relaxed) > 300);
+        t.enforce_budgets();
+        assert!(t.held_total.load(Ordering::Relaxed) <= 2000);
+        assert!(t.history_total.load(Ordering::Relaxed) <= 300);
+        let ann = &t.map[&user("ann")].session;
+        let bob = &t.map[&user("bob")].session;
+        assert_eq!(bob.held_frames(), 1, "the small session kept its frame");
+        assert_eq!(bob.history_bytes(), 4, "and its history");
+        assert!(ann.held_frames() < 3 && ann.held_frames() >= 1);
+    }
+}
