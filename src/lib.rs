@@ -2,7 +2,8 @@
 //! the Cheshire Cat 1.x chat protocol, whose sessions survive any disconnect.
 //!
 //! # Layout
-//! - [`config`]: every option, its default and its `STRAYCAT_*` variable.
+//! - [`config`]: every option, its default and its `STRAYCAT_*` variable, each written once
+//!   (`config/opts.rs`).
 //! - `protocol`: the wire format: user ids, client messages, the JSON frames sent back.
 //! - `http`: the request head: parsing, routing, HTTP answers.
 //! - `session`: a user's conversation (`session/mod.rs`) and the session table

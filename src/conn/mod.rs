@@ -3,25 +3,26 @@
 //! connection's own deadlines live here; what a message means is the server's business.
 
 mod counted;
+mod handshake;
 mod heartbeat;
 mod ws;
 
+pub use handshake::HeadRead;
 pub use heartbeat::{Beat, Heartbeat};
 pub use ws::{WsRead, WsWrite};
 
-use crate::http::{self, ChatTarget, Head, MAX_HEAD_BYTES};
+use crate::http::ChatTarget;
 use crate::session::SessionRef;
 use mio::net::TcpStream;
 use std::borrow::Cow;
 use std::fmt;
-use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::time::Instant;
 use tungstenite::Message;
 use tungstenite::Utf8Bytes;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::coding::CloseCode;
-use ws::{Ws, is_would_block};
+use ws::Ws;
 
 /// Bytes tungstenite reads per `read` call and keeps allocated per connection. Small,
 /// because an idle kiosk connection must cost a few KiB; a larger message grows the buffer
@@ -148,18 +149,6 @@ pub struct Conn {
     /// A hang-up or error event was seen, in any phase: handed to the WebSocket at the
     /// upgrade, because the one edge-triggered event for it may have come before.
     hung_up: bool,
-}
-
-/// What reading the request head gave.
-pub enum HeadRead {
-    /// More is needed.
-    Partial,
-    /// A full head, and whatever followed it.
-    Complete(http::Request, Vec<u8>),
-    /// Not a request we can read.
-    Invalid(&'static str),
-    /// The client went away.
-    Gone,
 }
 
 impl Conn {
@@ -321,29 +310,9 @@ impl Conn {
 
     /// Reads the request head until it is complete, invalid or the socket would block.
     pub fn read_head(&mut self) -> HeadRead {
-        let Phase::Handshake { stream, buf } = &mut self.phase else {
-            return HeadRead::Partial;
-        };
-        loop {
-            let start = buf.len();
-            let room = (MAX_HEAD_BYTES + 1).saturating_sub(start).min(1024);
-            if room == 0 {
-                return HeadRead::Invalid("request head too large");
-            }
-            buf.resize(start + room, 0);
-            let got = stream.read(&mut buf[start..]);
-            buf.truncate(start + *got.as_ref().unwrap_or(&0));
-            match got {
-                Ok(0) => return HeadRead::Gone,
-                Ok(_) => match http::parse_head(buf) {
-                    Head::Partial => continue,
-                    Head::Invalid(why) => return HeadRead::Invalid(why),
-                    Head::Complete(req, len) => return HeadRead::Complete(req, buf.split_off(len)),
-                },
-                Err(e) if is_would_block(&e) => return HeadRead::Partial,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return HeadRead::Gone,
-            }
+        match &mut self.phase {
+            Phase::Handshake { stream, buf } => handshake::read_head(stream, buf),
+            _ => HeadRead::Partial,
         }
     }
 
@@ -380,14 +349,8 @@ impl Conn {
         else {
             return Ok(None);
         };
-        while *pos < out.len() {
-            match stream.write(&out[*pos..]) {
-                Ok(0) => return Err("connection closed while answering".into()),
-                Ok(n) => *pos += n,
-                Err(e) if is_would_block(&e) => return Ok(None),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.to_string()),
-            }
+        if !handshake::write_out(stream, out, pos)? {
+            return Ok(None);
         }
         let phase = std::mem::replace(&mut self.phase, Phase::Gone);
         match phase {
@@ -425,23 +388,11 @@ impl Conn {
 
     /// Drains a lingering socket; `true` once it is finished with.
     pub fn drain_linger(&mut self) -> bool {
-        let Phase::Linger { stream, discarded } = &mut self.phase else {
-            return false;
-        };
-        let mut scratch = [0u8; 1024];
-        loop {
-            match stream.read(&mut scratch) {
-                Ok(0) => return true,
-                Ok(n) => {
-                    *discarded += n;
-                    if *discarded > LINGER_DISCARD_BYTES {
-                        return true;
-                    }
-                }
-                Err(e) if is_would_block(&e) => return false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return true,
+        match &mut self.phase {
+            Phase::Linger { stream, discarded } => {
+                handshake::drain(stream, discarded, LINGER_DISCARD_BYTES)
             }
+            _ => false,
         }
     }
 

@@ -70,7 +70,7 @@ pub(super) fn is_would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
 }
 
-fn is_interrupted(e: &io::Error) -> bool {
+pub(super) fn is_interrupted(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::Interrupted
 }
 

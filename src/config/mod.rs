@@ -1,0 +1,210 @@
+//! Command-line and environment configuration: every option, its default and its
+//! `STRAYCAT_*` variable, parsed without a dependency so the binary stays small.
+
+mod opts;
+
+use opts::{OPTS, Value};
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Everything the server can be told. Defaults are the ones PROTOCOL.md and the README state.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Address the listener binds to.
+    pub listen: SocketAddr,
+    /// Worker threads that run agent turns, so the event loop never waits on an agent.
+    pub workers: usize,
+    /// Turns a user may have waiting behind the running one before `Busy` is answered.
+    pub max_queued_turns: usize,
+    /// Longest a turn may run before it ends with a `Timeout` error.
+    pub turn_timeout: Duration,
+    /// Pause the echo agent makes before each word, to stand in for a slow model.
+    pub echo_delay: Duration,
+    /// How often an open socket is pinged.
+    pub ping_interval: Duration,
+    /// How long after a ping a silent socket is kept before it is dropped.
+    pub ping_timeout: Duration,
+    /// Largest incoming message (and frame); bigger ones close the socket with 1009.
+    pub max_message_bytes: usize,
+    /// Open connections (handshaking, open or closing) the server keeps at once.
+    pub max_connections: usize,
+    /// Unsent bytes one connection may hold before it is closed with 1008.
+    pub max_buffered_bytes: usize,
+    /// Shared secret every `/ws` upgrade must carry as `?token=`; `None` disables auth.
+    pub api_key: Option<String>,
+    /// How long a session with no socket and no work is kept.
+    pub session_ttl: Duration,
+    /// Conversation turns (a user message and its reply) kept per session for the agent.
+    pub history_turns: usize,
+    /// Frames with a `seq` a session keeps for delivery and replay.
+    pub max_held_frames: usize,
+    /// Bytes of encoded frames a session keeps for delivery and replay: with 64 KiB
+    /// messages, 256 frames alone could hold 50 MiB per session.
+    pub max_held_bytes: usize,
+    /// Bytes of held frames across all sessions: past it the sessions holding the most give
+    /// up their oldest frames, so that many sessions cannot add up past a small board's memory.
+    pub max_held_bytes_total: usize,
+    /// Bytes of conversation history across all sessions: past it the sessions with the
+    /// longest history forget their oldest turns.
+    pub max_history_bytes_total: usize,
+    /// Sessions kept at once; past it the longest-idle detached session is dropped.
+    pub max_sessions: usize,
+    /// Time a client has to finish its HTTP upgrade request.
+    pub handshake_timeout: Duration,
+    /// Serve the `/echo` endpoint (conformance suite and benchmarks).
+    pub raw_echo: bool,
+    /// Log level name (`error`, `warn`, `info`, `debug`, `trace`, `off`).
+    pub log_level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 1865)),
+            workers: 2,
+            max_queued_turns: 8,
+            turn_timeout: Duration::from_secs(120),
+            echo_delay: Duration::ZERO,
+            ping_interval: Duration::from_secs(20),
+            ping_timeout: Duration::from_secs(20),
+            max_message_bytes: 64 * 1024,
+            max_connections: 1024,
+            max_buffered_bytes: 1024 * 1024,
+            api_key: None,
+            session_ttl: Duration::from_secs(3600),
+            history_turns: 20,
+            max_held_frames: 256,
+            max_held_bytes: 1024 * 1024,
+            max_held_bytes_total: 64 * 1024 * 1024,
+            max_history_bytes_total: 32 * 1024 * 1024,
+            max_sessions: 4096,
+            handshake_timeout: Duration::from_secs(10),
+            raw_echo: false,
+            log_level: "info".to_string(),
+        }
+    }
+}
+
+/// Longest accepted duration option, in seconds (a year).
+const MAX_SECS: u64 = 365 * 24 * 3600;
+
+/// What the command line asked for.
+#[derive(Debug)]
+pub enum Command {
+    /// Run the server with this configuration.
+    Run(Box<Config>),
+    /// Print the help text and exit 0.
+    Help,
+    /// Print the version and exit 0.
+    Version,
+}
+
+/// A bad option or value: printed as one line, exit code 2.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The environment variable that sets option `name`, e.g. `STRAYCAT_MAX_CONNECTIONS`.
+pub fn env_name(name: &str) -> String {
+    format!("STRAYCAT_{}", name.replace('-', "_").to_ascii_uppercase())
+}
+
+/// The `--help` text: every option, its default and its environment variable.
+pub fn help_text() -> String {
+    let mut out = format!(
+        "straycat {} - a small synchronous WebSocket chat server (Cheshire Cat 1.x protocol)\n\n\
+         Usage: straycat [OPTIONS]\n\n\
+         Every option can also be set by its environment variable; the command line wins.\n\n\
+         Options:\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    for opt in OPTS {
+        out.push_str(&format!(
+            "  {:<30} {} [default: {}] [env: {}]\n",
+            opt.flag(),
+            opt.help,
+            opt.shown_default(),
+            env_name(opt.name)
+        ));
+    }
+    out.push_str("  -h, --help                     print this help\n");
+    out.push_str("  -V, --version                  print the version\n");
+    out
+}
+
+/// Parses the command line (without the program name) over the environment `env`.
+///
+/// `env` is passed in rather than read here so tests need not touch the process environment.
+pub fn parse<I, E>(args: I, env: E) -> Result<Command, ConfigError>
+where
+    I: IntoIterator<Item = String>,
+    E: Fn(&str) -> Option<String>,
+{
+    let mut cfg = Config::default();
+    for opt in OPTS {
+        let var = env_name(opt.name);
+        if let Some(text) = env(&var) {
+            (opt.set)(
+                &mut cfg,
+                &Value {
+                    text: &text,
+                    origin: &var,
+                },
+            )?;
+        }
+    }
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(Command::Help),
+            "-V" | "--version" => return Ok(Command::Version),
+            _ => {}
+        }
+        let Some(body) = arg.strip_prefix("--") else {
+            return Err(ConfigError(format!(
+                "unexpected argument '{arg}' (try --help)"
+            )));
+        };
+        let (name, inline) = match body.split_once('=') {
+            Some((n, v)) => (n, Some(v.to_string())),
+            None => (body, None),
+        };
+        let Some(opt) = OPTS.iter().find(|o| o.name == name) else {
+            return Err(ConfigError(format!(
+                "unknown option '--{name}' (try --help)"
+            )));
+        };
+        let text = if opt.value.is_empty() {
+            inline.unwrap_or_else(|| "true".to_string())
+        } else {
+            match inline.or_else(|| args.next()) {
+                Some(v) => v,
+                None => {
+                    return Err(ConfigError(format!(
+                        "option '--{name}' needs a value {}",
+                        opt.value
+                    )));
+                }
+            }
+        };
+        (opt.set)(
+            &mut cfg,
+            &Value {
+                text: &text,
+                origin: &format!("--{name}"),
+            },
+        )?;
+    }
+    Ok(Command::Run(Box::new(cfg)))
+}
+
+#[cfg(test)]
+mod tests;
