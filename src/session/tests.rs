@@ -19,7 +19,8 @@ fn now(t0: Instant, secs: u64) -> Now {
     }
 }
 
-fn msg(text: &str, id: Option<&str>) -> ClientMessage {
+/// A client message (shared with the table's tests).
+pub(super) fn msg(text: &str, id: Option<&str>) -> ClientMessage {
     ClientMessage {
         text: text.into(),
         id: id.map(String::from),
@@ -27,7 +28,8 @@ fn msg(text: &str, id: Option<&str>) -> ClientMessage {
     }
 }
 
-fn json(o: &Outgoing) -> Value {
+/// A frame as JSON.
+pub(super) fn json(o: &Outgoing) -> Value {
     serde_json::from_str(o.text.as_str()).unwrap()
 }
 

@@ -1,8 +1,9 @@
 //! Unit tests of the session table, on a fake clock.
 
 use super::*;
+use crate::session::tests::{json, msg};
 use crate::workers::TurnEvent;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 const S: Duration = Duration::from_secs(1);
 
@@ -36,18 +37,6 @@ impl Clock {
 
 fn user(name: &str) -> UserId {
     UserId::parse(name).unwrap()
-}
-
-fn msg(text: &str, id: Option<&str>) -> ClientMessage {
-    ClientMessage {
-        text: text.into(),
-        id: id.map(String::from),
-        fields: Map::new(),
-    }
-}
-
-fn json(o: &Outgoing) -> Value {
-    serde_json::from_str(o.text.as_str()).unwrap()
 }
 
 /// The frames sent to `conn`, as JSON, and the jobs started.
