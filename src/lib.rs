@@ -8,8 +8,9 @@
 //! - `http`: the request head: parsing, routing, HTTP answers.
 //! - `session`: a user's conversation (`session/mod.rs`) and the session table
 //!   (`session/table.rs`: routing, expiry, the cap, budgets; effects out); pure logic.
-//! - [`agent`]: the [`Agent`] trait that answers turns, and the built-in echo agent.
-//! - `workers`: the thread pool that runs agents, and the waker that brings results back.
+//! - [`agent`]: what answers turns: the blocking [`Agent`] trait on the worker pool
+//!   (`agent/threaded.rs`, `agent/pool.rs`), agents driven by the loop (`agent/task.rs`),
+//!   the built-in echo agent (`agent/echo.rs`).
 //! - `conn`: one connection: its phases (`conn/mod.rs`), the WebSocket with its
 //!   unsent-bytes accounting (`conn/ws.rs`), the counting socket (`conn/counted.rs`), the
 //!   heartbeat (`conn/heartbeat.rs`, pure).
@@ -33,9 +34,8 @@ pub mod server;
 mod session;
 pub mod systemd;
 mod timer;
-mod workers;
 
-pub use agent::{Agent, AgentError, EchoAgent, Turn, TurnOutput};
+pub use agent::{Agent, AgentError, Backend, EchoAgent, PolledAgent, PolledEcho, Turn, TurnOutput};
 pub use config::Config;
 pub use protocol::UserId;
 pub use server::{Server, ShutdownHandle};

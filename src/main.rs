@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use straycat::config::{self, Command, Config};
 use straycat::systemd;
-use straycat::{EchoAgent, Server};
+use straycat::{Backend, PolledEcho, Server};
 
 fn main() -> ExitCode {
     let command = config::parse(std::env::args().skip(1), |k| std::env::var(k).ok());
@@ -49,9 +49,9 @@ fn main() -> ExitCode {
 /// The server on the socket systemd handed over, or on `--listen`, with systemd
 /// notifications when `NOTIFY_SOCKET` is set.
 fn build_server(config: Config) -> Result<Server, String> {
-    let agent = Arc::new(EchoAgent {
+    let agent = Backend::Polled(Arc::new(PolledEcho {
         delay: config.echo_delay,
-    });
+    }));
     let server = if systemd::listen_fds() >= 1 {
         let listener = inherited_listener()?;
         log::info!("using the listening socket passed by systemd (--listen is ignored)");

@@ -4,10 +4,10 @@
 use super::Server;
 use super::io::CLOSE_TIMEOUT;
 use crate::agent::AgentError;
+use crate::agent::TurnEvent;
 use crate::conn::{ConnId, Kind};
 use crate::protocol::{ErrorName, parse_client_message};
 use crate::session::Effect;
-use crate::workers::TurnEvent;
 use log::{debug, error, info};
 use tungstenite::Message;
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -55,7 +55,7 @@ impl Server {
 
     /// Takes the worker pool's results to the session table.
     pub(super) fn drain_results(&mut self) {
-        while let Some((key, event)) = self.pool.try_result() {
+        while let Some((key, event)) = self.pool.as_ref().and_then(|p| p.try_result()) {
             self.sessions
                 .turn_event(&key, event, self.now, &mut self.effects);
         }
@@ -70,9 +70,11 @@ impl Server {
                 match effect {
                     Effect::Send(id, frame) => self.write_to(id, frame),
                     Effect::Replace(id) => self.replace(id),
+                    Effect::Cancel(key) => self.cancel_task(&key),
+                    Effect::Start(job) if self.tasks.is_some() => self.submit_task(job),
                     Effect::Start(job) => {
                         let key = job.key.clone();
-                        if self.pool.submit(job) {
+                        if self.pool.as_ref().is_some_and(|p| p.submit(job)) {
                             continue;
                         }
                         error!(

@@ -10,16 +10,17 @@
 mod accept;
 mod effects;
 mod io;
+mod tasks;
 mod timers;
 
-use crate::agent::Agent;
+use crate::agent::Backend;
+use crate::agent::pool::{Notifier, Pool};
 use crate::config::Config;
 use crate::conn::{Conn, ConnId, READ_BUFFER_BYTES, Stage};
 use crate::protocol::unix_now;
 use crate::session::{Effect, Limits, Now, Sessions, TableLimits};
 use crate::systemd::SdNotify;
 use crate::timer::Timers;
-use crate::workers::{Notifier, Pool};
 use log::{error, info, warn};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -29,6 +30,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+use tasks::{TASK_TOKEN_BASE, Tasks};
 use timers::TimerKey;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -101,7 +103,12 @@ pub struct Server {
     sessions: Sessions,
     /// Connection deadlines, accept back-off and the watchdog (sessions keep their own).
     timers: Timers<TimerKey>,
-    pool: Pool,
+    /// The worker threads of a blocking agent.
+    pool: Option<Pool>,
+    /// The turns of an agent driven by the loop.
+    tasks: Option<Tasks>,
+    /// Wakes the loop from other threads (workers' results, the shutdown handle).
+    notifier: Notifier,
     config: Config,
     /// Tungstenite's settings for every WebSocket (see `from_listener`).
     ws_config: WebSocketConfig,
@@ -133,8 +140,8 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds the listener and starts the worker pool.
-    pub fn bind(config: Config, agent: Arc<dyn Agent>) -> std::io::Result<Server> {
+    /// Binds the listener and gets the agent ready (a blocking agent: its worker threads).
+    pub fn bind(config: Config, agent: impl Into<Backend>) -> std::io::Result<Server> {
         let listener = TcpListener::bind(config.listen)?;
         Server::from_listener(listener, config, agent)
     }
@@ -143,14 +150,20 @@ impl Server {
     pub fn from_listener(
         mut listener: TcpListener,
         config: Config,
-        agent: Arc<dyn Agent>,
+        agent: impl Into<Backend>,
     ) -> std::io::Result<Server> {
         let poll = Poll::new()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let notifier = Notifier::new(waker);
-        let pool = Pool::start(config.workers, agent, notifier.clone())?;
+        let (pool, tasks) = match agent.into() {
+            Backend::Threads(agent) => (
+                Some(Pool::start(config.workers, agent, notifier.clone())?),
+                None,
+            ),
+            Backend::Polled(agent) => (None, Some(Tasks::new(agent))),
+        };
         let local_addr = listener.local_addr()?;
         let shutdown_flag = Arc::new(AtomicBool::new(false));
         let sessions = Sessions::new(TableLimits {
@@ -186,9 +199,11 @@ impl Server {
             timers: Timers::default(),
             shutdown_handle: ShutdownHandle {
                 flag: Arc::clone(&shutdown_flag),
-                notifier,
+                notifier: notifier.clone(),
             },
             pool,
+            tasks,
+            notifier: notifier.clone(),
             ws_config,
             now: clock(),
             read_queue: VecDeque::new(),
@@ -258,6 +273,11 @@ impl Server {
                 match event.token() {
                     LISTENER => self.accept(),
                     WAKER => woken = true,
+                    token if token.0 >= TASK_TOKEN_BASE => {
+                        let hung_up = event.is_read_closed() || event.is_error();
+                        let readable = event.is_readable() || hung_up;
+                        self.task_event(token, readable, event.is_writable());
+                    }
                     Token(slot) => {
                         let Some(s) = self.conns.get(slot) else {
                             continue;
@@ -281,14 +301,16 @@ impl Server {
                 }
             }
             if woken {
-                self.pool.notifier().clear();
+                self.notifier.clear();
                 self.drain_results();
             }
             self.serve_read_queue();
             self.run_timers();
             self.sessions.enforce_budgets();
             self.flush_all();
-            self.pool.kick();
+            if let Some(pool) = &self.pool {
+                pool.kick();
+            }
             if self.stopping.is_none() && self.shutdown_flag.load(Ordering::Acquire) {
                 self.begin_shutdown();
             }
@@ -349,7 +371,10 @@ impl Server {
         }
         let _ = self.poll.registry().deregister(&mut self.listener);
         self.sessions.cancel_all();
-        self.pool.close();
+        self.abort_all_tasks();
+        if let Some(pool) = &mut self.pool {
+            pool.close();
+        }
         let ids: Vec<(ConnId, Option<Stage>)> = self
             .conns
             .iter()
@@ -378,8 +403,13 @@ impl Server {
         if left > 0 {
             warn!("shutdown grace period over: dropping {left} connections");
         }
-        self.pool.close();
-        let busy = self.pool.reap(Instant::now() + WORKER_EXIT_WAIT);
+        let busy = match &mut self.pool {
+            Some(pool) => {
+                pool.close();
+                pool.reap(Instant::now() + WORKER_EXIT_WAIT)
+            }
+            None => 0,
+        };
         if busy == 0 {
             info!("stopped");
         } else {

@@ -12,6 +12,8 @@ use tungstenite::protocol::frame::coding::CloseCode;
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) enum TimerKey {
     Conn(ConnId),
+    /// The task in this slot of `Tasks`.
+    Task(usize),
     Accept,
     Watchdog,
 }
@@ -30,6 +32,7 @@ impl Server {
         while let Some((at, key)) = self.timers.pop_due(now) {
             match key {
                 TimerKey::Accept => self.resume_accept(),
+                TimerKey::Task(slot) => self.task_due(slot, at),
                 TimerKey::Watchdog => {
                     if let (Some(sd), Some(every)) = (&self.sd_notify, self.watchdog) {
                         sd.send("WATCHDOG=1");

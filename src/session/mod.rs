@@ -74,7 +74,8 @@ struct Running {
     turn_id: u64,
     msg_id: Option<String>,
     input: String,
-    deadline: Instant,
+    /// `None` while the turn waits for an upstream slot: its time starts when it runs.
+    deadline: Option<Instant>,
     cancel: CancelToken,
 }
 
@@ -298,7 +299,7 @@ impl Session {
             turn_id,
             msg_id: msg.id.clone(),
             input: msg.text.clone(),
-            deadline: now.mono + limits.turn_timeout,
+            deadline: Some(now.mono + limits.turn_timeout),
             cancel: cancel.clone(),
         });
         let turn = Turn {
@@ -311,8 +312,20 @@ impl Session {
     }
 
     /// The running turn's id and deadline.
-    pub fn running(&self) -> Option<(u64, Instant)> {
+    pub fn running(&self) -> Option<(u64, Option<Instant>)> {
         self.running.as_ref().map(|r| (r.turn_id, r.deadline))
+    }
+
+    /// Sets the running turn's deadline (`None`: it waits and has none yet); `false` if
+    /// `turn_id` is not the running turn.
+    pub fn set_deadline(&mut self, turn_id: u64, deadline: Option<Instant>) -> bool {
+        match self.running.as_mut().filter(|r| r.turn_id == turn_id) {
+            Some(r) => {
+                r.deadline = deadline;
+                true
+            }
+            None => false,
+        }
     }
 
     /// A preview token of the running turn; `None` if the turn is not running any more.
@@ -373,7 +386,11 @@ impl Session {
 
     /// Ends the running turn with `Timeout` if its deadline has passed.
     pub fn check_timeout(&mut self, limits: &Limits, now: Now) -> Option<Outgoing> {
-        if self.running.as_ref().is_none_or(|r| r.deadline > now.mono) {
+        if self
+            .running
+            .as_ref()
+            .is_none_or(|r| r.deadline.is_none_or(|d| d > now.mono))
+        {
             return None;
         }
         let running = self.running.take()?;

@@ -7,10 +7,10 @@
 
 use super::{Accepted, Limits, Now, Outgoing, Session};
 use crate::agent::Stream;
+use crate::agent::{Job, TurnEvent, TurnKey};
 use crate::conn::ConnId;
 use crate::protocol::{ClientMessage, ErrorName, Held, UserId};
 use crate::timer::{Timers, schedule};
-use crate::workers::{Job, TurnEvent, TurnKey};
 use log::{debug, info, warn};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -37,6 +37,8 @@ pub enum Effect {
     Replace(ConnId),
     /// Run this turn; if it cannot be, tell [`Sessions::turn_event`] it failed.
     Start(Job),
+    /// This turn ended early (turn timeout): stop whatever still works on it.
+    Cancel(TurnKey),
 }
 
 /// What [`Sessions::detach`] found.
@@ -284,6 +286,31 @@ impl Sessions {
         }
     }
 
+    /// Turn `key` waits for a slot of its agent (`--openai-max-concurrent`): its time does
+    /// not run yet.
+    pub fn turn_waiting(&mut self, key: &TurnKey) {
+        if let Some(entry) = self.map.get_mut(&key.user) {
+            entry.session.set_deadline(key.turn_id, None);
+        }
+    }
+
+    /// Turn `key` began to run at `now`: `--turn-timeout-secs` counts from here.
+    pub fn turn_began(&mut self, key: &TurnKey, now: Instant) {
+        let deadline = now + self.limits.session.turn_timeout;
+        if let Some(entry) = self.map.get_mut(&key.user)
+            && entry.session.set_deadline(key.turn_id, Some(deadline))
+        {
+            // The heap keeps one entry per session: this one replaces the earlier.
+            entry.timer_at = None;
+            schedule(
+                &mut self.timers,
+                &mut entry.timer_at,
+                deadline,
+                key.user.clone(),
+            );
+        }
+    }
+
     /// The earliest instant [`Sessions::expire`] has something to do, if any. Entries that
     /// went stale (rescheduled, or their session gone) are dropped on the way, so the loop
     /// does not wake up for them.
@@ -411,7 +438,14 @@ impl Sessions {
         let Some(entry) = self.map.get_mut(user) else {
             return;
         };
+        let turn_id = entry.session.running().map(|(id, _)| id);
         if let Some(frame) = entry.session.check_timeout(&limits, now) {
+            if let Some(turn_id) = turn_id {
+                out.push(Effect::Cancel(TurnKey {
+                    user: user.clone(),
+                    turn_id,
+                }));
+            }
             warn!(
                 "user={user} turn timed out after {} s",
                 limits.turn_timeout.as_secs()
@@ -440,7 +474,7 @@ impl Sessions {
             return;
         }
         let next = match (entry.session.running(), entry.session.idle_since()) {
-            (Some((_, deadline)), _) => Some(deadline),
+            (Some((_, deadline)), _) => deadline,
             (None, Some(idle)) => Some(idle + ttl),
             (None, None) => None,
         };

@@ -455,9 +455,26 @@ pub fn assert_chat(v: &Value, user: &str, text: &str, reply_to: Option<&str>) {
     }
 }
 
-/// The words the echo agent streams for `text`.
+/// The tokens the echo agent streams for `text`: each word with the whitespace before it
+/// (the trailing whitespace with the last), so that they join to the text.
 pub fn words(text: &str) -> Vec<String> {
-    text.split_whitespace().map(str::to_string).collect()
+    let mut out: Vec<String> = Vec::new();
+    let mut piece = String::new();
+    let mut prev_space = true;
+    for c in text.chars() {
+        if c.is_whitespace() && !prev_space {
+            out.push(std::mem::take(&mut piece));
+        }
+        prev_space = c.is_whitespace();
+        piece.push(c);
+    }
+    match out.last_mut() {
+        // Only whitespace after the last word: it stays with that word.
+        Some(last) if prev_space => last.push_str(&piece),
+        _ if piece.trim().is_empty() => {}
+        _ => out.push(piece),
+    }
+    out
 }
 
 /// `seq` of a frame, which must have one.

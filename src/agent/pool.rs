@@ -1,8 +1,7 @@
 //! The worker pool that runs agent turns off the event loop, and the path their results
 //! take back: a channel plus one `mio::Waker`, woken once per batch rather than per item.
 
-use crate::agent::{Agent, AgentError, CancelToken, Stream, Turn, TurnOutput};
-use crate::protocol::UserId;
+use super::{Agent, AgentError, Job, TurnEvent, TurnKey, TurnOutput};
 use log::{error, warn};
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -10,37 +9,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-
-/// Names one turn of one session. The id is unique for the server's life, so a result for a
-/// turn that timed out, or for a session that was dropped and made again, is recognised as
-/// stale and dropped.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct TurnKey {
-    /// The session the turn belongs to.
-    pub user: UserId,
-    /// Unique turn number.
-    pub turn_id: u64,
-}
-
-/// What comes back from a worker for a turn.
-#[derive(Debug)]
-pub enum TurnEvent {
-    /// A preview or notification.
-    Stream(Stream),
-    /// The end of the turn: the reply, or why there is none.
-    Done(Result<String, AgentError>),
-}
-
-/// A turn handed to the pool.
-#[derive(Debug)]
-pub struct Job {
-    /// Where the results go.
-    pub key: TurnKey,
-    /// What to answer.
-    pub turn: Turn,
-    /// Set by the loop on timeout or shutdown.
-    pub cancel: CancelToken,
-}
 
 /// Wakes the event loop when results are waiting, coalescing wakes so a fast stream of
 /// tokens costs one `eventfd` write per loop iteration, not one per token.
@@ -79,7 +47,6 @@ impl Notifier {
 pub struct Pool {
     queue: Arc<JobQueue>,
     results: Receiver<(TurnKey, TurnEvent)>,
-    notifier: Notifier,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -174,7 +141,6 @@ impl Pool {
         Ok(Pool {
             queue,
             results: res_rx,
-            notifier,
             threads,
         })
     }
@@ -215,11 +181,6 @@ impl Pool {
     /// The next waiting result, if any; the loop calls `Notifier::clear` first.
     pub fn try_result(&self) -> Option<(TurnKey, TurnEvent)> {
         self.results.try_recv().ok()
-    }
-
-    /// The notifier whose wakes mean "results are waiting".
-    pub fn notifier(&self) -> &Notifier {
-        &self.notifier
     }
 
     /// Stops taking jobs and drops the queued ones (shutdown cancels every turn anyway);
