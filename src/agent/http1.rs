@@ -95,7 +95,9 @@ impl fmt::Display for HttpError {
             Self::ClosedWithoutResponse => f.write_str("the connection closed without a response"),
             Self::EndedInHead => f.write_str("the response ended inside its head"),
             Self::MalformedHead => f.write_str("malformed response head"),
-            Self::TooManyHeaders => write!(f, "more than {MAX_HEADERS} header fields in the response"),
+            Self::TooManyHeaders => {
+                write!(f, "more than {MAX_HEADERS} header fields in the response")
+            }
             Self::HeadTooLarge(n) => write!(f, "response head larger than {n} bytes"),
             Self::BadContentLength => f.write_str("bad Content-Length in the response"),
             Self::UnsupportedTransferEncoding => {
@@ -147,8 +149,13 @@ enum Chunk {
 #[derive(Debug)]
 enum State {
     /// Collecting the head; `used` counts the bytes of interim heads already dropped.
-    Head { buf: Vec<u8>, used: usize },
-    Length { remaining: u64 },
+    Head {
+        buf: Vec<u8>,
+        used: usize,
+    },
+    Length {
+        remaining: u64,
+    },
     Close,
     Chunked(Chunk),
     Complete,
@@ -352,22 +359,9 @@ impl ResponseReader {
                     };
                     return Ok(());
                 }
-                State::Chunked(Chunk::Data { remaining }) => {
-                    let (data, rest) = input.split_at(take(remaining, input.len()));
-                    self.push_body(data, out)?;
-                    let remaining = remaining.saturating_sub(len_u64(data.len()));
-                    self.state = State::Chunked(if remaining == 0 {
-                        Chunk::DataCr
-                    } else {
-                        Chunk::Data { remaining }
-                    });
-                    input = rest;
-                }
                 State::Chunked(chunk) => {
-                    let Some((&b, rest)) = input.split_first() else {
-                        return Ok(());
-                    };
-                    self.state = self.chunk_byte(chunk, b)?;
+                    let (state, rest) = self.chunk_step(chunk, input, out)?;
+                    self.state = state;
                     input = rest;
                 }
             }
@@ -375,8 +369,28 @@ impl ResponseReader {
         Ok(())
     }
 
-    /// One byte of a chunk-size line, a data line end or the trailers.
-    fn chunk_byte(&mut self, chunk: Chunk, b: u8) -> Result<State, HttpError> {
+    /// Takes chunk data in bulk, or one byte of anything else: a chunk-size line, the line
+    /// end after data, or the trailers. Returns the next state and the unread input.
+    fn chunk_step<'a>(
+        &mut self,
+        chunk: Chunk,
+        input: &'a [u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(State, &'a [u8]), HttpError> {
+        if let Chunk::Data { remaining } = chunk {
+            let (data, rest) = input.split_at(take(remaining, input.len()));
+            self.push_body(data, out)?;
+            let remaining = remaining.saturating_sub(len_u64(data.len()));
+            let next = if remaining == 0 {
+                Chunk::DataCr
+            } else {
+                Chunk::Data { remaining }
+            };
+            return Ok((State::Chunked(next), rest));
+        }
+        let Some((&b, rest)) = input.split_first() else {
+            return Ok((State::Chunked(chunk), input));
+        };
         let in_size_line = matches!(
             chunk,
             Chunk::Size { .. } | Chunk::SizeWs { .. } | Chunk::Ext { .. } | Chunk::SizeLf { .. }
@@ -404,52 +418,58 @@ impl ResponseReader {
                         .checked_mul(16)
                         .and_then(|v| v.checked_add(d))
                         .ok_or(HttpError::BadChunkSize)?;
-                    Chunk::Size {
+                    State::Chunked(Chunk::Size {
                         value,
                         digits: true,
-                    }
+                    })
                 }
                 None if !digits => return Err(HttpError::BadChunkSize),
-                None => return self.after_size(value, b),
+                None => self.after_size(value, b)?,
             },
-            Chunk::SizeWs { value } => return self.after_size(value, b),
+            Chunk::SizeWs { value } => self.after_size(value, b)?,
             Chunk::Ext { value } => match b {
-                b'\r' => Chunk::SizeLf { value },
-                b'\n' => return self.size_line_done(value),
-                _ => Chunk::Ext { value },
+                b'\r' => State::Chunked(Chunk::SizeLf { value }),
+                b'\n' => self.size_line_done(value)?,
+                _ => State::Chunked(Chunk::Ext { value }),
             },
             Chunk::SizeLf { value } => match b {
-                b'\n' => return self.size_line_done(value),
+                b'\n' => self.size_line_done(value)?,
                 _ => return Err(HttpError::BadChunkSize),
             },
-            // Data is taken in bulk by the caller; a zero-length remainder never stays here.
-            Chunk::Data { .. } => Chunk::DataCr,
+            // Taken in bulk above; one byte of it is the same thing, only slower.
+            Chunk::Data { remaining } => {
+                self.push_body(&[b], out)?;
+                State::Chunked(match remaining.saturating_sub(1) {
+                    0 => Chunk::DataCr,
+                    remaining => Chunk::Data { remaining },
+                })
+            }
             Chunk::DataCr => match b {
-                b'\r' => Chunk::DataLf,
-                b'\n' => return Ok(self.next_size_line()),
+                b'\r' => State::Chunked(Chunk::DataLf),
+                b'\n' => self.next_size_line(),
                 _ => return Err(HttpError::MissingChunkCrlf),
             },
             Chunk::DataLf => match b {
-                b'\n' => return Ok(self.next_size_line()),
+                b'\n' => self.next_size_line(),
                 _ => return Err(HttpError::MissingChunkCrlf),
             },
             Chunk::TrailerStart => match b {
-                b'\r' => Chunk::TrailerLf { last: true },
-                b'\n' => return Ok(State::Complete),
-                _ => Chunk::TrailerLine,
+                b'\r' => State::Chunked(Chunk::TrailerLf { last: true }),
+                b'\n' => State::Complete,
+                _ => State::Chunked(Chunk::TrailerLine),
             },
             Chunk::TrailerLine => match b {
-                b'\r' => Chunk::TrailerLf { last: false },
-                b'\n' => Chunk::TrailerStart,
-                _ => Chunk::TrailerLine,
+                b'\r' => State::Chunked(Chunk::TrailerLf { last: false }),
+                b'\n' => State::Chunked(Chunk::TrailerStart),
+                _ => State::Chunked(Chunk::TrailerLine),
             },
             Chunk::TrailerLf { last } => match b {
-                b'\n' if last => return Ok(State::Complete),
-                b'\n' => Chunk::TrailerStart,
+                b'\n' if last => State::Complete,
+                b'\n' => State::Chunked(Chunk::TrailerStart),
                 _ => return Err(HttpError::BadTrailers),
             },
         };
-        Ok(State::Chunked(next))
+        Ok((next, rest))
     }
 
     /// The byte after the size digits: whitespace, extensions or the line end.
@@ -529,8 +549,8 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Head)>, HttpError> {
             // Only a lone `chunked` is accepted: the requests sent carry no `TE`, so a server
             // may not use other codings (RFC 9112 §6.1), and passing on a still-gzipped body
             // as if it were text would be worse than failing.
-            let value = std::str::from_utf8(h.value)
-                .map_err(|_| HttpError::UnsupportedTransferEncoding)?;
+            let value =
+                std::str::from_utf8(h.value).map_err(|_| HttpError::UnsupportedTransferEncoding)?;
             for coding in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
                 if chunked || !coding.eq_ignore_ascii_case("chunked") {
                     return Err(HttpError::UnsupportedTransferEncoding);
@@ -619,7 +639,11 @@ pub fn request(
         }
         out.extend_from_slice(b": ");
         for b in value.trim().bytes() {
-            out.push(if b.is_ascii_control() && b != b'\t' { b' ' } else { b });
+            out.push(if b.is_ascii_control() && b != b'\t' {
+                b' '
+            } else {
+                b
+            });
         }
         out.extend_from_slice(b"\r\n");
     }
@@ -758,7 +782,8 @@ mod tests {
 
     #[test]
     fn content_length_body_at_every_split() {
-        let body = "{\"id\":\"x\",\"choices\":[{\"message\":{\"content\":\"h\u{e9}llo \u{1f408}\"}}]}";
+        let body =
+            "{\"id\":\"x\",\"choices\":[{\"message\":{\"content\":\"h\u{e9}llo \u{1f408}\"}}]}";
         let input = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
@@ -775,10 +800,16 @@ mod tests {
 
     #[test]
     fn bytes_after_a_complete_body_are_ignored() {
-        let o = same_everywhere(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcHTTP/1.1 junk", true);
+        let o = same_everywhere(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcHTTP/1.1 junk",
+            true,
+        );
         assert_eq!(o.body, b"abc");
         assert_eq!(o.progress, Ok(Progress::Complete));
-        let o = same_everywhere(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nzz", true);
+        let o = same_everywhere(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nzz",
+            true,
+        );
         assert_eq!(o.body, b"abc");
         assert_eq!(o.progress, Ok(Progress::Complete));
     }
@@ -787,7 +818,10 @@ mod tests {
     fn close_delimited_body_at_every_split() {
         let input = "HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: h\u{e9}llo \u{1f408}\n\ndata: [DONE]\n\n";
         let o = same_everywhere(input.as_bytes(), true);
-        assert_eq!(o.body, "data: h\u{e9}llo \u{1f408}\n\ndata: [DONE]\n\n".as_bytes());
+        assert_eq!(
+            o.body,
+            "data: h\u{e9}llo \u{1f408}\n\ndata: [DONE]\n\n".as_bytes()
+        );
         assert_eq!(o.progress, Ok(Progress::Body));
         assert_eq!(o.eof, Some(Ok(())));
         assert_eq!(o.head.unwrap().framing, Framing::Close);
@@ -801,7 +835,10 @@ mod tests {
             000f\nFIFTEEN-BYTES!!\n\
             0;last\r\nX-Trailer: 1\r\nServer-Timing: total;dur=5\r\n\r\n";
         let o = same_everywhere(input, true);
-        assert_eq!(o.body, b"0123456789abcdefghijklmnopqrstuvwxyzFIFTEEN-BYTES!!");
+        assert_eq!(
+            o.body,
+            b"0123456789abcdefghijklmnopqrstuvwxyzFIFTEEN-BYTES!!"
+        );
         assert_eq!(o.progress, Ok(Progress::Complete));
         assert_eq!(o.eof, Some(Ok(())));
     }
@@ -849,12 +886,18 @@ mod tests {
         assert_eq!(o.body, b"ok");
         assert_eq!(o.progress, Ok(Progress::Complete));
         // Up to the final head, the reader is still waiting for it.
-        assert_eq!(run(&[b"HTTP/1.1 100 Continue\r\n\r\n"], false).progress, Ok(Progress::HeadPending));
+        assert_eq!(
+            run(&[b"HTTP/1.1 100 Continue\r\n\r\n"], false).progress,
+            Ok(Progress::HeadPending)
+        );
     }
 
     #[test]
     fn switching_protocols_is_final_and_bodiless() {
-        let o = run(&[b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x00"], true);
+        let o = run(
+            &[b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x00"],
+            true,
+        );
         let head = o.head.unwrap();
         assert_eq!((head.status, head.framing), (101, Framing::Length(0)));
         assert_eq!(o.progress, Ok(Progress::Complete));
@@ -938,36 +981,70 @@ mod tests {
         let cases: &[(&[u8], HttpError)] = &[
             (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", HttpError::MalformedHead),
             (b"HTTP/1.1 2000 OK\r\n\r\n", HttpError::MalformedHead),
-            (b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n", HttpError::MalformedHead),
-            (b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n", HttpError::BadContentLength),
-            (b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n", HttpError::BadContentLength),
-            (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", HttpError::BadContentLength),
-            (b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n", HttpError::BadContentLength),
-            (b"HTTP/1.1 200 OK\r\nContent-Length:\r\n\r\n", HttpError::BadContentLength),
-            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", HttpError::UnsupportedTransferEncoding),
-            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", HttpError::UnsupportedTransferEncoding),
+            (
+                b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+                HttpError::MalformedHead,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n",
+                HttpError::BadContentLength,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n",
+                HttpError::BadContentLength,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+                HttpError::BadContentLength,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
+                HttpError::BadContentLength,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length:\r\n\r\n",
+                HttpError::BadContentLength,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                HttpError::UnsupportedTransferEncoding,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+                HttpError::UnsupportedTransferEncoding,
+            ),
         ];
         for (input, want) in cases {
             let o = same_everywhere(input, false);
-            assert_eq!(o.progress, Err(want.clone()), "{:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                o.progress,
+                Err(want.clone()),
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
         }
-        assert_eq!(HttpError::MalformedHead.to_string(), "malformed response head");
+        assert_eq!(
+            HttpError::MalformedHead.to_string(),
+            "malformed response head"
+        );
         // Repeated identical lengths are one length.
-        let o = same_everywhere(b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\nContent-Length: 2\r\n\r\nok", false);
+        let o = same_everywhere(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\nContent-Length: 2\r\n\r\nok",
+            false,
+        );
         assert_eq!(o.body, b"ok");
     }
 
     #[test]
     fn header_count_is_bounded() {
         let head = |n: usize| {
-            let mut s = String::from("HTTP/1.1 200 OK\r\n");
-            for i in 0..n {
-                s.push_str(&format!("X-H{i}: v\r\nContent-Length: 0\r\n").split_at(11 + i.to_string().len()).0.to_string());
-            }
-            s.push_str("\r\n");
-            s
+            let fields: String = (0..n).map(|i| format!("X-H{i}: v\r\n")).collect();
+            format!("HTTP/1.1 200 OK\r\n{fields}\r\n")
         };
-        assert_eq!(run(&[head(64).as_bytes()], false).progress, Ok(Progress::Body));
+        assert_eq!(
+            run(&[head(64).as_bytes()], false).progress,
+            Ok(Progress::Body)
+        );
         assert_eq!(
             run(&[head(65).as_bytes()], false).progress,
             Err(HttpError::TooManyHeaders)
@@ -1007,7 +1084,10 @@ mod tests {
         assert_eq!(last, Err(HttpError::HeadTooLarge(max)));
         // Interim heads count towards the same limit.
         let interim = "HTTP/1.1 100 Continue\r\n\r\n".repeat(max / 25 + 1);
-        assert_eq!(feed(interim.as_bytes()).0, Err(HttpError::HeadTooLarge(max)));
+        assert_eq!(
+            feed(interim.as_bytes()).0,
+            Err(HttpError::HeadTooLarge(max))
+        );
         assert_eq!(
             HttpError::HeadTooLarge(max).to_string(),
             "response head larger than 256 bytes"
@@ -1018,15 +1098,21 @@ mod tests {
     fn chunk_lines_and_trailers_are_bounded() {
         let mut r = ResponseReader::new(64, BODY_MAX);
         let mut body = Vec::new();
-        r.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;", &mut body)
-            .unwrap();
+        r.feed(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;",
+            &mut body,
+        )
+        .unwrap();
         assert_eq!(
             r.feed(&[b'e'; 100], &mut body),
             Err(HttpError::ChunkLineTooLong(64))
         );
         let mut r = ResponseReader::new(64, BODY_MAX);
-        r.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n", &mut body)
-            .unwrap();
+        r.feed(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n",
+            &mut body,
+        )
+        .unwrap();
         let mut last = Ok(Progress::Body);
         for _ in 0..10 {
             last = r.feed(b"X-T: 1\r\n", &mut body);
@@ -1053,22 +1139,39 @@ mod tests {
         let over = "x".repeat(max + 1);
         let too_large = Err(HttpError::BodyTooLarge(max));
         // Chunked: exactly the limit passes, one byte more fails, whether in one chunk or two.
-        let c = |chunks: &[&str]| chunked("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", chunks);
+        let c = |chunks: &[&str]| {
+            chunked(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                chunks,
+            )
+        };
         assert_eq!(feed_all(&c(&[&exact]), true).0, Ok(Progress::Complete));
-        assert_eq!(feed_all(&c(&[&exact[1..], "y"]), true).0, Ok(Progress::Complete));
+        assert_eq!(
+            feed_all(&c(&[&exact[1..], "y"]), true).0,
+            Ok(Progress::Complete)
+        );
         assert_eq!(feed_all(&c(&[&over]), true).0, too_large);
         assert_eq!(feed_all(&c(&[&exact, "y"]), true).0, too_large);
         // Content-Length over the limit fails at once, with the head still there.
         let cl = |n: usize| format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n");
-        assert_eq!(feed_all(cl(max + 1).as_bytes(), false), (too_large.clone(), 0, Some(200)));
+        assert_eq!(
+            feed_all(cl(max + 1).as_bytes(), false),
+            (too_large.clone(), 0, Some(200))
+        );
         assert_eq!(
             feed_all(format!("{}{exact}", cl(max)).as_bytes(), true).0,
             Ok(Progress::Complete)
         );
         // Close-delimited: counted as it arrives.
         let close = "HTTP/1.1 200 OK\r\n\r\n";
-        assert_eq!(feed_all(format!("{close}{exact}").as_bytes(), true).0, Ok(Progress::Complete));
-        assert_eq!(feed_all(format!("{close}{over}").as_bytes(), true).0, too_large);
+        assert_eq!(
+            feed_all(format!("{close}{exact}").as_bytes(), true).0,
+            Ok(Progress::Complete)
+        );
+        assert_eq!(
+            feed_all(format!("{close}{over}").as_bytes(), true).0,
+            too_large
+        );
         assert_eq!(
             HttpError::BodyTooLarge(65536).to_string(),
             "body larger than 65536 bytes"

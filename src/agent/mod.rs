@@ -13,6 +13,7 @@ mod echo;
 pub(crate) mod pool;
 mod task;
 mod threaded;
+pub mod upstream;
 
 pub use echo::{EchoAgent, PolledEcho};
 pub use task::{MAX_SOURCES, PolledAgent, Step, Task, TaskCtx};

@@ -56,6 +56,49 @@ pub struct Config {
     pub raw_echo: bool,
     /// Log level name (`error`, `warn`, `info`, `debug`, `trace`, `off`).
     pub log_level: String,
+    /// Which agent answers.
+    pub agent: AgentKind,
+    /// `--agent openai`: the API base, e.g. `http://127.0.0.1:8080/v1`.
+    pub openai_url: Option<String>,
+    /// `--agent openai`: the `model` of each request.
+    pub openai_model: Option<String>,
+    /// `--agent openai`: sent as `Authorization: Bearer KEY`; `None`: no header.
+    pub openai_api_key: Option<String>,
+    /// `--agent openai`: the system message that starts every conversation; `None`: none.
+    pub system_prompt: Option<String>,
+    /// `--agent openai`: requests in flight to the upstream at once; more turns wait.
+    pub openai_max_concurrent: usize,
+    /// `--agent process`: the command run per turn by `/bin/sh -c`.
+    pub process_cmd: Option<String>,
+    /// `--agent cat`: the Cheshire Cat server, e.g. `ws://127.0.0.1:1865`.
+    pub cat_url: Option<String>,
+    /// `--agent cat`: the Cat's token (`?token=`), if it wants one.
+    pub cat_token: Option<String>,
+}
+
+/// The agents straycat ships.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentKind {
+    /// Streams the message back (tests, demos).
+    Echo,
+    /// An OpenAI-compatible chat-completions server, streamed.
+    Openai,
+    /// A local program run per turn.
+    Process,
+    /// A Cheshire Cat 1.x server upstream.
+    Cat,
+}
+
+impl AgentKind {
+    /// The option's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            AgentKind::Echo => "echo",
+            AgentKind::Openai => "openai",
+            AgentKind::Process => "process",
+            AgentKind::Cat => "cat",
+        }
+    }
 }
 
 impl Default for Config {
@@ -82,6 +125,15 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             raw_echo: false,
             log_level: "info".to_string(),
+            agent: AgentKind::Echo,
+            openai_url: None,
+            openai_model: None,
+            openai_api_key: None,
+            system_prompt: None,
+            openai_max_concurrent: 4,
+            process_cmd: None,
+            cat_url: None,
+            cat_token: None,
         }
     }
 }
@@ -203,7 +255,44 @@ where
             },
         )?;
     }
+    check_agent(&cfg)?;
     Ok(Command::Run(Box::new(cfg)))
+}
+
+/// What the chosen agent cannot do without.
+fn check_agent(cfg: &Config) -> Result<(), ConfigError> {
+    let need = |what: Option<&String>, opt: &str, why: &str| match what {
+        Some(_) => Ok(()),
+        None => Err(ConfigError(format!(
+            "--agent {} needs --{opt} ({why})",
+            cfg.agent.name()
+        ))),
+    };
+    match cfg.agent {
+        AgentKind::Echo => Ok(()),
+        AgentKind::Openai => {
+            need(
+                cfg.openai_url.as_ref(),
+                "openai-url",
+                "the API base, e.g. http://127.0.0.1:8080/v1",
+            )?;
+            need(
+                cfg.openai_model.as_ref(),
+                "openai-model",
+                "the model name; any name for llama.cpp's server",
+            )
+        }
+        AgentKind::Process => need(
+            cfg.process_cmd.as_ref(),
+            "process-cmd",
+            "the command to run per turn",
+        ),
+        AgentKind::Cat => need(
+            cfg.cat_url.as_ref(),
+            "cat-url",
+            "the Cat's address, e.g. ws://127.0.0.1:1865",
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! The table of options: each one's name, value name, help, setter and how its value is
 //! shown, written once.
 
-use super::{Config, ConfigError, MAX_SECS};
+use super::{AgentKind, Config, ConfigError, MAX_SECS};
+use crate::agent::upstream::Upstream;
 use std::time::Duration;
 
 /// One option, written once: `--help`, the environment variable, the parser and the default
@@ -85,6 +86,12 @@ impl Value<'_> {
             n if n > MAX_SECS * 1000 => Err(self.bad("must be at most a year")),
             n => Ok(Duration::from_millis(n)),
         }
+    }
+
+    /// An optional text: empty means unset.
+    pub(super) fn optional(&self) -> Option<String> {
+        let t = self.text.trim();
+        (!t.is_empty()).then(|| t.to_string())
     }
 
     pub(super) fn switch(&self) -> Result<bool, ConfigError> {
@@ -270,5 +277,104 @@ pub(super) const OPTS: &[Opt] = &[
             Ok(())
         },
         show: |c| c.log_level.clone(),
+    },
+    Opt {
+        name: "agent",
+        value: "NAME",
+        help: "what answers: echo, openai, process or cat",
+        set: |c, v| {
+            c.agent = match v.text.trim() {
+                "echo" => AgentKind::Echo,
+                "openai" => AgentKind::Openai,
+                "process" => AgentKind::Process,
+                "cat" => AgentKind::Cat,
+                _ => return Err(v.bad("expected echo, openai, process or cat")),
+            };
+            Ok(())
+        },
+        show: |c| c.agent.name().to_string(),
+    },
+    Opt {
+        name: "openai-url",
+        value: "URL",
+        help: "openai: the API base, e.g. http://127.0.0.1:8080/v1 (https:// too)",
+        set: |c, v| {
+            if let Some(url) = v.optional() {
+                Upstream::parse(&url, &["http", "https"]).map_err(|why| v.bad(&why))?;
+            }
+            c.openai_url = v.optional();
+            Ok(())
+        },
+        show: |c| c.openai_url.clone().unwrap_or_default(),
+    },
+    Opt {
+        name: "openai-model",
+        value: "NAME",
+        help: "openai: the model of each request",
+        set: |c, v| {
+            c.openai_model = v.optional();
+            Ok(())
+        },
+        show: |c| c.openai_model.clone().unwrap_or_default(),
+    },
+    Opt {
+        name: "openai-api-key",
+        value: "KEY",
+        help: "openai: sent as Authorization: Bearer KEY",
+        set: |c, v| {
+            c.openai_api_key = v.optional();
+            Ok(())
+        },
+        show: |c| c.openai_api_key.clone().unwrap_or_default(),
+    },
+    Opt {
+        name: "system-prompt",
+        value: "TEXT",
+        help: "openai: the system message that starts every conversation",
+        set: |c, v| {
+            c.system_prompt = v.optional();
+            Ok(())
+        },
+        show: |c| c.system_prompt.clone().unwrap_or_default(),
+    },
+    Opt {
+        name: "openai-max-concurrent",
+        value: "N",
+        help: "openai: requests in flight at once; more turns wait their turn",
+        set: |c, v| v.size(1).map(|n| c.openai_max_concurrent = n),
+        show: |c| c.openai_max_concurrent.to_string(),
+    },
+    Opt {
+        name: "process-cmd",
+        value: "CMD",
+        help: "process: the command run per turn by /bin/sh -c",
+        set: |c, v| {
+            c.process_cmd = v.optional();
+            Ok(())
+        },
+        show: |c| c.process_cmd.clone().unwrap_or_default(),
+    },
+    Opt {
+        name: "cat-url",
+        value: "URL",
+        help: "cat: the Cheshire Cat server, e.g. ws://127.0.0.1:1865",
+        set: |c, v| {
+            if let Some(url) = v.optional() {
+                Upstream::parse(&url, &["ws"]).map_err(|why| v.bad(&why))?;
+            }
+            c.cat_url = v.optional();
+            Ok(())
+        },
+        show: |c| c.cat_url.clone().unwrap_or_default(),
+    },
+    Opt {
+        name: "cat-token",
+        value: "KEY",
+        help: "cat: the Cat's token (?token=)",
+        set: |c, v| {
+            c.cat_token = v.optional();
+            Ok(())
+        },
+        show: |c| c.cat_token.clone().unwrap_or_default(),
     },
 ];

@@ -67,7 +67,17 @@ fn bad_options_are_one_line_errors() {
 /// move every option off its default with it. A new kind of option may need a candidate.
 fn off_default(opt: &Opt) -> &'static str {
     let default = (opt.show)(&Config::default());
-    ["1", "2", "2048", "127.0.0.1:9", "on", "debug"]
+    [
+        "1",
+        "2",
+        "2048",
+        "127.0.0.1:9",
+        "on",
+        "debug",
+        "cat",
+        "http://127.0.0.1:9/v1",
+        "ws://127.0.0.1:9",
+    ]
         .into_iter()
         .find(|text| {
             let mut cfg = Config::default();
