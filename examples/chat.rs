@@ -33,7 +33,8 @@ fn main() {
                 Ok(Message::Text(t)) => {
                     let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
                     match v["type"].as_str() {
-                        Some("chat_token") => print!("{} ", v["content"].as_str().unwrap_or("")),
+                        // Tokens carry their own spacing, as an LLM's do.
+                        Some("chat_token") => print!("{}", v["content"].as_str().unwrap_or("")),
                         Some("chat") => {
                             println!("\nAI: {}", v["content"].as_str().unwrap_or(""));
                             break;

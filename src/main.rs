@@ -4,7 +4,8 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use straycat::config::{self, Command, Config};
+use straycat::agent::{OpenAi, OpenAiConfig};
+use straycat::config::{self, AgentKind, Command, Config};
 use straycat::systemd;
 use straycat::{Backend, PolledEcho, Server};
 
@@ -49,9 +50,7 @@ fn main() -> ExitCode {
 /// The server on the socket systemd handed over, or on `--listen`, with systemd
 /// notifications when `NOTIFY_SOCKET` is set.
 fn build_server(config: Config) -> Result<Server, String> {
-    let agent = Backend::Polled(Arc::new(PolledEcho {
-        delay: config.echo_delay,
-    }));
+    let agent = backend(&config)?;
     let server = if systemd::listen_fds() >= 1 {
         let listener = inherited_listener()?;
         log::info!("using the listening socket passed by systemd (--listen is ignored)");
@@ -62,6 +61,36 @@ fn build_server(config: Config) -> Result<Server, String> {
         Server::bind(config, agent).map_err(|e| format!("cannot listen on {listen}: {e}"))?
     };
     Ok(server.with_systemd(systemd::notifier(), systemd::watchdog_interval()))
+}
+
+/// The agent `--agent` names, set up (an upstream's address resolved, here, once).
+fn backend(config: &Config) -> Result<Backend, String> {
+    let missing = |what: &str| format!("--agent {} needs {what}", config.agent.name());
+    Ok(match config.agent {
+        AgentKind::Echo => Backend::Polled(Arc::new(PolledEcho {
+            delay: config.echo_delay,
+        })),
+        AgentKind::Openai => {
+            let agent = OpenAi::new(OpenAiConfig {
+                url: config
+                    .openai_url
+                    .clone()
+                    .ok_or_else(|| missing("--openai-url"))?,
+                model: config
+                    .openai_model
+                    .clone()
+                    .ok_or_else(|| missing("--openai-model"))?,
+                api_key: config.openai_api_key.clone(),
+                system_prompt: config.system_prompt.clone(),
+                max_concurrent: config.openai_max_concurrent,
+                max_answer_bytes: config.max_message_bytes,
+            })?;
+            Backend::Polled(Arc::new(agent))
+        }
+        AgentKind::Process | AgentKind::Cat => {
+            return Err(format!("--agent {} is not built yet", config.agent.name()));
+        }
+    })
 }
 
 /// Takes file descriptor 3, the first socket of sd_listen_fds(3).

@@ -249,9 +249,8 @@ impl ResponseReader {
     }
 
     fn feed_inner(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<Progress, HttpError> {
-        let rest = match self.feed_head(input, out)? {
-            Some(rest) => rest,
-            None => return Ok(Progress::HeadPending),
+        let Some(rest) = self.feed_head(input, out)? else {
+            return Ok(Progress::HeadPending);
         };
         self.feed_body(rest, out)?;
         self.progress()
@@ -280,21 +279,20 @@ impl ResponseReader {
         let mut may_end = now.contains(&b'\n');
         buf.extend_from_slice(now);
         loop {
-            if may_end {
-                if let Some((len, head)) = parse_head(buf)? {
-                    if (100..200).contains(&head.status) && head.status != 101 {
-                        // An interim response (100 Continue, 103 Early Hints): the real one
-                        // follows.
-                        *used = used.saturating_add(len);
-                        buf.drain(..len.min(buf.len()));
-                        may_end = buf.contains(&b'\n');
-                        continue;
-                    }
-                    let leftover = buf.split_off(len.min(buf.len()));
-                    self.start_body(head)?;
-                    self.feed_body(&leftover, out)?;
-                    return Ok(Some(later));
+            let parsed = if may_end { parse_head(buf)? } else { None };
+            if let Some((len, head)) = parsed {
+                if (100..200).contains(&head.status) && head.status != 101 {
+                    // An interim response (100 Continue, 103 Early Hints): the real one
+                    // follows.
+                    *used = used.saturating_add(len);
+                    buf.drain(..len.min(buf.len()));
+                    may_end = buf.contains(&b'\n');
+                    continue;
                 }
+                let leftover = buf.split_off(len.min(buf.len()));
+                self.start_body(head)?;
+                self.feed_body(&leftover, out)?;
+                return Ok(Some(later));
             }
             // A partial head that already fills the limit needs at least one byte more.
             if used.saturating_add(buf.len()) >= self.max_head_bytes {
@@ -604,6 +602,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Head)>, HttpError> {
 /// than fail it makes them harmless: control characters and spaces are dropped from the
 /// method, host, path and header names (and `:` from names), and header values are trimmed
 /// with inner control characters turned into spaces, so no input can inject a line.
+#[must_use]
 pub fn request(
     method: &str,
     host: &str,
@@ -611,7 +610,7 @@ pub fn request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(128 + body.len());
+    let mut out = Vec::with_capacity(body.len().saturating_add(128));
     push_token(&mut out, method, b"");
     out.push(b' ');
     if path.is_empty() {

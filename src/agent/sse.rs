@@ -156,7 +156,7 @@ impl SseDecoder {
     fn skip_bom<'a>(&mut self, mut bytes: &'a [u8]) -> &'a [u8] {
         while let Some((&b, tail)) = bytes.split_first() {
             if BOM.get(self.bom_matched) == Some(&b) {
-                self.bom_matched += 1;
+                self.bom_matched = self.bom_matched.saturating_add(1);
                 bytes = tail;
                 if self.bom_matched == BOM.len() {
                     self.bom_done = true;

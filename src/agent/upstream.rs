@@ -116,9 +116,15 @@ mod tests {
         );
         assert_eq!(u.host_header(), "127.0.0.1:8080");
         let u = Upstream::parse("HTTPS://api.openai.com/v1", &["http", "https"]).unwrap();
-        assert_eq!((u.port, u.tls(), u.host_header()), (443, true, "api.openai.com".into()));
+        assert_eq!(
+            (u.port, u.tls(), u.host_header()),
+            (443, true, "api.openai.com".into())
+        );
         let u = Upstream::parse("ws://[::1]:1865", &["ws"]).unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.path.as_str()), ("::1", 1865, ""));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.path.as_str()),
+            ("::1", 1865, "")
+        );
         assert_eq!(u.host_header(), "[::1]:1865");
         for bad in [
             "127.0.0.1:8080",

@@ -78,21 +78,21 @@ fn off_default(opt: &Opt) -> &'static str {
         "http://127.0.0.1:9/v1",
         "ws://127.0.0.1:9",
     ]
-        .into_iter()
-        .find(|text| {
-            let mut cfg = Config::default();
-            let value = Value {
-                text,
-                origin: "test",
-            };
-            *text != default && (opt.set)(&mut cfg, &value).is_ok() && (opt.show)(&cfg) == *text
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "--{}: no candidate off its default that it shows back",
-                opt.name
-            )
-        })
+    .into_iter()
+    .find(|text| {
+        let mut cfg = Config::default();
+        let value = Value {
+            text,
+            origin: "test",
+        };
+        *text != default && (opt.set)(&mut cfg, &value).is_ok() && (opt.show)(&cfg) == *text
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "--{}: no candidate off its default that it shows back",
+            opt.name
+        )
+    })
 }
 
 fn set(cfg: &mut Config, opt: &Opt, text: &str) {

@@ -1,0 +1,231 @@
+//! A client connection to an upstream on the event loop: a non-blocking TCP socket, plain
+//! or through rustls (sans-IO TLS, which fits mio: we move the bytes, it does the rest).
+
+use mio::net::TcpStream;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection};
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Bytes read from the socket per `read` call.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// The TLS settings of every upstream connection: the system's CA roots (or the bundle
+/// `SSL_CERT_FILE` names), read once at start-up.
+pub fn tls_config() -> Result<Arc<ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let found = rustls_native_certs::load_native_certs();
+    let (added, _) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let why = found
+            .errors
+            .first()
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "none found".into());
+        return Err(format!("no CA certificates for https:// upstreams: {why}"));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS set-up: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// One connection, plain or TLS.
+pub struct Transport {
+    sock: TcpStream,
+    tls: Option<Box<ClientConnection>>,
+    /// The TCP connect finished (a writable event with no error).
+    connected: bool,
+}
+
+/// What a read gave.
+pub struct Got {
+    /// Bytes of the response appended to the caller's buffer.
+    pub bytes: usize,
+    /// The peer closed (after a TLS close_notify, or the TCP end of a plain connection).
+    pub eof: bool,
+}
+
+impl Transport {
+    /// Starts connecting to `addr` without waiting; with `tls`, checks the certificate
+    /// against `host`.
+    pub fn connect(
+        addr: SocketAddr,
+        tls: Option<(&Arc<ClientConfig>, &str)>,
+    ) -> Result<Transport, String> {
+        let sock =
+            TcpStream::connect(addr).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let _ = sock.set_nodelay(true);
+        let tls = match tls {
+            Some((config, host)) => {
+                let name = ServerName::try_from(host.to_string())
+                    .map_err(|_| format!("{host} is not a name TLS can check"))?;
+                let conn = ClientConnection::new(Arc::clone(config), name)
+                    .map_err(|e| format!("TLS set-up: {e}"))?;
+                Some(Box::new(conn))
+            }
+            None => None,
+        };
+        Ok(Transport {
+            sock,
+            tls,
+            connected: false,
+        })
+    }
+
+    /// The socket, to register with the loop.
+    pub fn socket(&mut self) -> &mut TcpStream {
+        &mut self.sock
+    }
+
+    /// Whether the TCP connect is done; on a writable event, finds out (mio: check
+    /// `take_error`, then `peer_addr`).
+    pub fn check_connected(&mut self) -> Result<bool, String> {
+        if self.connected {
+            return Ok(true);
+        }
+        if let Ok(Some(e)) | Err(e) = self.sock.take_error() {
+            return Err(format!("cannot connect: {e}"));
+        }
+        match self.sock.peer_addr() {
+            Ok(_) => {
+                self.connected = true;
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+            Err(e) => Err(format!("cannot connect: {e}")),
+        }
+    }
+
+    /// Writes `out[*pos..]` (the request), and whatever TLS has to send; `Ok(true)` once all
+    /// of it is with the kernel.
+    pub fn write(&mut self, out: &[u8], pos: &mut usize) -> Result<bool, String> {
+        match &mut self.tls {
+            None => {
+                while *pos < out.len() {
+                    match self.sock.write(&out[*pos..]) {
+                        Ok(0) => return Err("the upstream closed while we wrote".into()),
+                        Ok(n) => *pos += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(format!("writing to the upstream: {e}")),
+                    }
+                }
+                Ok(true)
+            }
+            Some(tls) => {
+                if *pos < out.len() {
+                    // rustls keeps it until the handshake is done (its buffer limit is far
+                    // above a request's size).
+                    tls.writer()
+                        .write_all(&out[*pos..])
+                        .map_err(|e| format!("TLS: {e}"))?;
+                    *pos = out.len();
+                }
+                flush_tls(tls, &mut self.sock)
+            }
+        }
+    }
+
+    /// Reads what is there now into `buf`, at most `limit` bytes more than it holds.
+    pub fn read(&mut self, buf: &mut Vec<u8>, limit: usize) -> Result<Got, String> {
+        let start = buf.len();
+        let mut chunk = [0u8; READ_CHUNK];
+        match &mut self.tls {
+            None => loop {
+                if buf.len() - start >= limit {
+                    return Ok(Got {
+                        bytes: buf.len() - start,
+                        eof: false,
+                    });
+                }
+                match self.sock.read(&mut chunk) {
+                    Ok(0) => {
+                        return Ok(Got {
+                            bytes: buf.len() - start,
+                            eof: true,
+                        });
+                    }
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Ok(Got {
+                            bytes: buf.len() - start,
+                            eof: false,
+                        });
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(format!("reading from the upstream: {e}")),
+                }
+            },
+            Some(tls) => {
+                let mut tcp_eof = false;
+                loop {
+                    // Plaintext first: what rustls already decrypted.
+                    match tls.reader().read(&mut chunk) {
+                        Ok(0) => {
+                            return Ok(Got {
+                                bytes: buf.len() - start,
+                                eof: true,
+                            });
+                        }
+                        Ok(n) => {
+                            buf.extend_from_slice(&chunk[..n]);
+                            if buf.len() - start >= limit {
+                                return Ok(Got {
+                                    bytes: buf.len() - start,
+                                    eof: false,
+                                });
+                            }
+                            continue;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                            return Err("the upstream closed without a TLS close_notify".into());
+                        }
+                        Err(e) => return Err(format!("TLS: {e}")),
+                    }
+                    if tcp_eof {
+                        return Ok(Got {
+                            bytes: buf.len() - start,
+                            eof: true,
+                        });
+                    }
+                    match tls.read_tls(&mut self.sock) {
+                        Ok(0) => tcp_eof = true,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            // Handshake replies, key updates.
+                            flush_tls(tls, &mut self.sock)?;
+                            return Ok(Got {
+                                bytes: buf.len() - start,
+                                eof: false,
+                            });
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(format!("reading from the upstream: {e}")),
+                    }
+                    tls.process_new_packets()
+                        .map_err(|e| format!("TLS with the upstream: {e}"))?;
+                }
+            }
+        }
+    }
+}
+
+/// Writes what rustls has to send; `Ok(true)` when nothing is left.
+fn flush_tls(tls: &mut ClientConnection, sock: &mut TcpStream) -> Result<bool, String> {
+    while tls.wants_write() {
+        match tls.write_tls(sock) {
+            Ok(0) => return Err("the upstream closed while we wrote".into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("writing to the upstream: {e}")),
+        }
+    }
+    Ok(true)
+}
