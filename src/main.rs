@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use straycat::agent::{OpenAi, OpenAiConfig};
+use straycat::agent::{Cat, CatConfig, OpenAi, OpenAiConfig, Process, ProcessConfig};
 use straycat::config::{self, AgentKind, Command, Config};
 use straycat::systemd;
 use straycat::{Backend, PolledEcho, Server};
@@ -87,9 +87,19 @@ fn backend(config: &Config) -> Result<Backend, String> {
             })?;
             Backend::Polled(Arc::new(agent))
         }
-        AgentKind::Process | AgentKind::Cat => {
-            return Err(format!("--agent {} is not built yet", config.agent.name()));
-        }
+        AgentKind::Process => Backend::Polled(Arc::new(Process::new(ProcessConfig {
+            cmd: config
+                .process_cmd
+                .clone()
+                .ok_or_else(|| missing("--process-cmd"))?,
+            max_output_bytes: config.max_message_bytes,
+        })?)),
+        AgentKind::Cat => Backend::Polled(Arc::new(Cat::new(CatConfig {
+            url: config.cat_url.clone().ok_or_else(|| missing("--cat-url"))?,
+            token: config.cat_token.clone(),
+            max_frame_bytes: config.max_message_bytes,
+            max_connections: config.max_sessions,
+        })?)),
     })
 }
 

@@ -9,18 +9,22 @@
 //!
 //! The session table never learns which kind answered: both end in the same turn events.
 
+mod cat;
 mod echo;
 mod http1;
 mod openai;
 pub(crate) mod pool;
+mod process;
 mod sse;
 mod task;
 mod threaded;
 mod transport;
 pub mod upstream;
 
+pub use cat::{Cat, CatConfig};
 pub use echo::{EchoAgent, PolledEcho};
 pub use openai::{OpenAi, OpenAiConfig};
+pub use process::{Process, ProcessConfig};
 pub use task::{MAX_SOURCES, PolledAgent, Step, Task, TaskCtx};
 pub use threaded::{Agent, CancelToken, TurnOutput};
 
