@@ -263,16 +263,20 @@ check_rust_version() {
     fi
 }
 
-# Exports cargo's per-target settings: Debian's rustc, the private sysroot, the cross linker,
-# and qemu as the runner (so `cargo test --target …` runs the tests under emulation). Host
+# Exports cargo's per-target settings: Debian's rustc, the private sysroot, the cross C
+# compiler and linker, and qemu as the runner (so `cargo test --target …` runs the tests under emulation). Host
 # artifacts (build scripts, proc macros) get neither the sysroot nor the linker: cargo
 # applies CARGO_TARGET_<triple>_* to that target only.
 cross_env() {
-    local t up sysroot
+    local t up low sysroot
     export RUSTC=$DEB_RUSTC
     sysroot=$(sysroot_for "$(installed_version rustc-web)")
     for t in "${CROSS_TARGETS[@]}"; do
         up=$(echo "$t" | tr 'a-z-' 'A-Z_')
+        low=$(echo "$t" | tr '-' '_')
+        # ring (rustls' cryptography) compiles C and assembly for the target with the cc
+        # crate, which reads CC_<triple> and AR_<triple>.
+        export "CC_${low}=$(gnu_triple "$t")-gcc" "AR_${low}=$(gnu_triple "$t")-ar"
         export "CARGO_TARGET_${up}_LINKER=$(gnu_triple "$t")-gcc"
         export "CARGO_TARGET_${up}_RUNNER=$(qemu_for "$t") -L $(qemu_prefix "$t")"
         export "CARGO_TARGET_${up}_RUSTFLAGS=--sysroot=$sysroot"

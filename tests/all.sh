@@ -19,6 +19,8 @@ echo "== cargo fmt --check"
 cargo fmt --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
+echo "== cargo clippy --no-default-features (the build without TLS)"
+cargo clippy --no-default-features --lib --bins --quiet -- -D warnings
 echo "== cargo doc"
 RUSTDOCFLAGS=-Dwarnings cargo doc --no-deps --quiet
 echo "== cargo test (unit, integration over 127.0.0.1, Autobahn 1-10)"

@@ -13,12 +13,12 @@
 
 use super::http1::{self, Progress, ResponseReader};
 use super::sse::{Event, SseDecoder};
-use super::transport::{Transport, tls_config};
+use super::transport::{ClientConfig, Transport, tls_config};
 use super::upstream::Upstream;
 use super::{AgentError, PolledAgent, Step, Task, TaskCtx, Turn, Who};
 use log::info;
 use mio::{Interest, Registry};
-use rustls::ClientConfig;
+
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,6 +32,10 @@ const MAX_ERROR_BODY_BYTES: usize = 16 * 1024;
 
 /// Bytes read from the upstream per call before the task gives the loop back.
 const READ_BUDGET_BYTES: usize = 64 * 1024;
+
+/// Bytes of the start of a 2xx body kept to show in the error when it is not an event
+/// stream.
+const BODY_START_BYTES: usize = 256;
 
 /// How the agent is set up; one value serves every turn.
 pub struct OpenAi {
@@ -160,6 +164,8 @@ impl PolledAgent for OpenAi {
             answer: String::new(),
             finish_reason: None,
             error_body: Vec::new(),
+            body_start: Vec::new(),
+            saw_event: false,
             again: None,
         })
     }
@@ -188,6 +194,10 @@ struct OpenAiTask {
     finish_reason: Option<String>,
     /// The body of a non-2xx answer, for its error message.
     error_body: Vec<u8>,
+    /// The first bytes of a 2xx body, for the error when it holds no event.
+    body_start: Vec<u8>,
+    /// The body held at least one event.
+    saw_event: bool,
     /// The read budget ran out: call again at this instant (the next loop iteration).
     again: Option<Instant>,
 }
@@ -239,10 +249,14 @@ impl OpenAiTask {
         }
         if !self.body.is_empty() {
             let body = std::mem::take(&mut self.body);
+            let room = BODY_START_BYTES.saturating_sub(self.body_start.len());
+            self.body_start
+                .extend_from_slice(&body[..body.len().min(room)]);
             self.sse
                 .feed(&body, &mut self.events)
                 .map_err(|e| AgentError::Failed(format!("the upstream's event stream: {e}")))?;
             for event in std::mem::take(&mut self.events) {
+                self.saw_event = true;
                 if let Some(answer) = self.on_event(&event, ctx)? {
                     return Ok(Some(answer));
                 }
@@ -319,10 +333,21 @@ impl OpenAiTask {
         if self.finish_reason.is_some() {
             return self.answer_or_empty();
         }
-        if self.answer.is_empty() {
+        if self.body_start.is_empty() {
             fail(
                 "the upstream answered with an empty body (is the prompt too long for its context?)",
             )
+        } else if !self.saw_event {
+            // An HTML page from a proxy, a non-streamed JSON answer: say what came.
+            let kind = match self.reader.head().and_then(|h| h.content_type.as_deref()) {
+                Some(ct) => format!(" (Content-Type: {ct})"),
+                None => String::new(),
+            };
+            let start = String::from_utf8_lossy(&self.body_start);
+            fail(format!(
+                "the upstream's answer is not an event stream{kind}: {}",
+                shorten(start.trim())
+            ))
         } else {
             fail("the upstream's stream ended before the answer was finished (no finish_reason)")
         }

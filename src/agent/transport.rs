@@ -2,8 +2,12 @@
 //! or through rustls (sans-IO TLS, which fits mio: we move the bytes, it does the rest).
 
 use mio::net::TcpStream;
+#[cfg(feature = "tls")]
 use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, ClientConnection};
+#[cfg(feature = "tls")]
+pub use rustls::ClientConfig;
+#[cfg(feature = "tls")]
+use rustls::ClientConnection;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,8 +15,23 @@ use std::sync::Arc;
 /// Bytes read from the socket per `read` call.
 const READ_CHUNK: usize = 16 * 1024;
 
+/// Without the `tls` feature there is no TLS to configure.
+#[cfg(not(feature = "tls"))]
+pub struct ClientConfig;
+
+/// Without the `tls` feature, an `https://` upstream is refused at start-up.
+#[cfg(not(feature = "tls"))]
+pub fn tls_config() -> Result<Arc<ClientConfig>, String> {
+    Err("this straycat was built without TLS (the tls cargo feature): use http://".into())
+}
+
+/// Without TLS no connection is ever TLS: the type has no value.
+#[cfg(not(feature = "tls"))]
+enum ClientConnection {}
+
 /// The TLS settings of every upstream connection: the system's CA roots (or the bundle
 /// `SSL_CERT_FILE` names), read once at start-up.
+#[cfg(feature = "tls")]
 pub fn tls_config() -> Result<Arc<ClientConfig>, String> {
     let mut roots = rustls::RootCertStore::empty();
     let found = rustls_native_certs::load_native_certs();
@@ -46,7 +65,7 @@ pub struct Transport {
 pub struct Got {
     /// Bytes of the response appended to the caller's buffer.
     pub bytes: usize,
-    /// The peer closed (after a TLS close_notify, or the TCP end of a plain connection).
+    /// The peer closed (the TCP end, with or without a TLS close_notify before it).
     pub eof: bool,
 }
 
@@ -60,6 +79,12 @@ impl Transport {
         let sock =
             TcpStream::connect(addr).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
         let _ = sock.set_nodelay(true);
+        #[cfg(not(feature = "tls"))]
+        let tls: Option<Box<ClientConnection>> = match tls {
+            Some(_) => return Err("built without TLS".into()),
+            None => None,
+        };
+        #[cfg(feature = "tls")]
         let tls = match tls {
             Some((config, host)) => {
                 let name = ServerName::try_from(host.to_string())
@@ -117,6 +142,9 @@ impl Transport {
                 }
                 Ok(true)
             }
+            #[cfg(not(feature = "tls"))]
+            Some(never) => match **never {},
+            #[cfg(feature = "tls")]
             Some(tls) => {
                 if *pos < out.len() {
                     // rustls keeps it until the handshake is done (its buffer limit is far
@@ -161,6 +189,9 @@ impl Transport {
                     Err(e) => return Err(format!("reading from the upstream: {e}")),
                 }
             },
+            #[cfg(not(feature = "tls"))]
+            Some(never) => match **never {},
+            #[cfg(feature = "tls")]
             Some(tls) => {
                 let mut tcp_eof = false;
                 loop {
@@ -183,8 +214,16 @@ impl Transport {
                             continue;
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        // The peer closed without a close_notify, as many HTTPS servers do
+                        // after a `Connection: close` response. An end like a plain TCP
+                        // one, with the bytes read before it: the caller's framing (the
+                        // chunked end, the Content-Length, the stream's finish_reason)
+                        // tells a whole answer from a truncated one.
                         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                            return Err("the upstream closed without a TLS close_notify".into());
+                            return Ok(Got {
+                                bytes: buf.len() - start,
+                                eof: true,
+                            });
                         }
                         Err(e) => return Err(format!("TLS: {e}")),
                     }
@@ -217,6 +256,7 @@ impl Transport {
 }
 
 /// Writes what rustls has to send; `Ok(true)` when nothing is left.
+#[cfg(feature = "tls")]
 fn flush_tls(tls: &mut ClientConnection, sock: &mut TcpStream) -> Result<bool, String> {
     while tls.wants_write() {
         match tls.write_tls(sock) {
