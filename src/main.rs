@@ -98,7 +98,8 @@ fn backend(config: &Config) -> Result<Backend, String> {
             url: config.cat_url.clone().ok_or_else(|| missing("--cat-url"))?,
             token: config.cat_token.clone(),
             max_frame_bytes: config.max_message_bytes,
-            max_connections: config.max_sessions,
+            // Parked upstream sockets cost a descriptor each, like client sockets.
+            max_connections: config.max_connections.min(config.max_sessions),
         })?)),
     })
 }
