@@ -65,19 +65,30 @@ pub struct InvalidMessage(pub String);
 pub fn parse_client_message(frame: &str) -> Result<ClientMessage, InvalidMessage> {
     let value: Value = serde_json::from_str(frame)
         .map_err(|e| InvalidMessage(format!("frame is not JSON: {e}")))?;
+    const NOT_A_MESSAGE: &str =
+        "frame is not a JSON object with a string \"text\" (or \"image\" or \"audio\")";
     let Value::Object(mut fields) = value else {
-        return Err(InvalidMessage(
-            "frame is not a JSON object with a string \"text\"".into(),
-        ));
+        return Err(InvalidMessage(NOT_A_MESSAGE.into()));
     };
+    // Cheshire Cat 1.8 takes an image or a recording (a URL or a data URI, as its TypeScript
+    // client sends) with or without text; they stay in `fields` for the agent. Their size is
+    // bounded by --max-message-bytes like the rest of the frame.
+    for media in ["image", "audio"] {
+        if fields
+            .get(media)
+            .is_some_and(|v| !v.is_string() && !v.is_null())
+        {
+            return Err(InvalidMessage(format!("field \"{media}\" is not a string")));
+        }
+    }
+    let has_media = ["image", "audio"]
+        .iter()
+        .any(|m| fields.get(*m).is_some_and(Value::is_string));
     let text = match fields.remove("text") {
         Some(Value::String(s)) => s,
+        Some(Value::Null) | None if has_media => String::new(),
+        Some(Value::Null) | None => return Err(InvalidMessage(NOT_A_MESSAGE.into())),
         Some(_) => return Err(InvalidMessage("field \"text\" is not a string".into())),
-        None => {
-            return Err(InvalidMessage(
-                "frame is not a JSON object with a string \"text\"".into(),
-            ));
-        }
     };
     let id = match fields.get("id") {
         None | Some(Value::Null) => None,
@@ -363,6 +374,23 @@ mod tests {
         }
         let long = format!(r#"{{"text":"a","id":"{}"}}"#, "x".repeat(65));
         assert!(parse_client_message(&long).is_err());
+        // An image or a recording stands in for the text.
+        let m = parse_client_message(r#"{"image":"data:image/png;base64,AAAA"}"#).unwrap();
+        assert_eq!(m.text, "");
+        assert_eq!(m.fields["image"], "data:image/png;base64,AAAA");
+        let m = parse_client_message(r#"{"text":"what is it","audio":"https://x/a.wav"}"#).unwrap();
+        assert_eq!(
+            (m.text.as_str(), &m.fields["audio"]),
+            ("what is it", &Value::from("https://x/a.wav"))
+        );
+        for bad in [
+            r#"{"image":5}"#,
+            r#"{"audio":{}}"#,
+            r#"{"text":"a","image":[1]}"#,
+            r#"{"image":null}"#,
+        ] {
+            assert!(parse_client_message(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
