@@ -13,6 +13,7 @@
 
 use super::http1::{self, Progress, ResponseReader};
 use super::sse::{Event, SseDecoder};
+use super::task::refused;
 use super::transport::{ClientConfig, Transport, tls_config};
 use super::upstream::Upstream;
 use super::{AgentError, PolledAgent, Step, Task, TaskCtx, Turn, Who};
@@ -137,6 +138,11 @@ impl PolledAgent for OpenAi {
     }
 
     fn start(&self, turn: Turn, _now: Instant) -> Box<dyn Task> {
+        if turn.text.is_empty() && !turn.fields.get("image").is_some_and(Value::is_string) {
+            return refused(
+                "the openai agent answers text and images; this message has neither".into(),
+            );
+        }
         let body = self.body(&turn);
         let path = format!("{}/chat/completions", self.upstream.path);
         let host = self.upstream.host_header();
@@ -337,12 +343,8 @@ impl OpenAiTask {
             fail(
                 "the upstream answered with an empty body (is the prompt too long for its context?)",
             )
-        } else if !self.saw_event {
+        } else if let Some(kind) = self.not_an_event_stream() {
             // An HTML page from a proxy, a non-streamed JSON answer: say what came.
-            let kind = match self.reader.head().and_then(|h| h.content_type.as_deref()) {
-                Some(ct) => format!(" (Content-Type: {ct})"),
-                None => String::new(),
-            };
             let start = String::from_utf8_lossy(&self.body_start);
             fail(format!(
                 "the upstream's answer is not an event stream{kind}: {}",
@@ -350,6 +352,19 @@ impl OpenAiTask {
             ))
         } else {
             fail("the upstream's stream ended before the answer was finished (no finish_reason)")
+        }
+    }
+
+    /// The body held no event and is not labelled an event stream (a stream of comments
+    /// only is one, cut short): `Some` of its Content-Type for the error message.
+    fn not_an_event_stream(&self) -> Option<String> {
+        if self.saw_event {
+            return None;
+        }
+        match self.reader.head().and_then(|h| h.content_type.as_deref()) {
+            Some(ct) if ct.to_ascii_lowercase().starts_with("text/event-stream") => None,
+            Some(ct) => Some(format!(" (Content-Type: {ct})")),
+            None => Some(String::new()),
         }
     }
 

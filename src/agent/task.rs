@@ -66,6 +66,34 @@ pub trait Task {
     fn abort(&mut self, registry: &Registry);
 }
 
+/// A task that fails at once with `why`: for a turn an agent cannot take (say, audio for
+/// an agent that only reads text and images).
+pub fn refused(why: String) -> Box<dyn Task> {
+    Box::new(Refused(Some(why)))
+}
+
+struct Refused(Option<String>);
+
+impl Task for Refused {
+    fn start(&mut self, _: &mut TaskCtx<'_>) -> Step {
+        Step::Done(Err(AgentError::Failed(self.0.take().unwrap_or_default())))
+    }
+
+    fn ready(&mut self, _: usize, _: bool, _: bool, ctx: &mut TaskCtx<'_>) -> Step {
+        self.start(ctx)
+    }
+
+    fn timeout(&mut self, ctx: &mut TaskCtx<'_>) -> Step {
+        self.start(ctx)
+    }
+
+    fn poll_at(&self) -> Option<Instant> {
+        None
+    }
+
+    fn abort(&mut self, _: &Registry) {}
+}
+
 /// What a task may use while it is being called: its sources' registration, the time,
 /// and the stream of previews it sends.
 pub struct TaskCtx<'a> {

@@ -3,11 +3,11 @@
 
 use mio::net::TcpStream;
 #[cfg(feature = "tls")]
-use rustls::pki_types::ServerName;
-#[cfg(feature = "tls")]
 pub use rustls::ClientConfig;
 #[cfg(feature = "tls")]
 use rustls::ClientConnection;
+#[cfg(feature = "tls")]
+use rustls::pki_types::ServerName;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -133,11 +133,11 @@ impl Transport {
             None => {
                 while *pos < out.len() {
                     match self.sock.write(&out[*pos..]) {
-                        Ok(0) => return Err("the upstream closed while we wrote".into()),
+                        Ok(0) => return Err("it closed while we wrote".into()),
                         Ok(n) => *pos += n,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(format!("writing to the upstream: {e}")),
+                        Err(e) => return Err(format!("writing: {e}")),
                     }
                 }
                 Ok(true)
@@ -186,7 +186,7 @@ impl Transport {
                         });
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(format!("reading from the upstream: {e}")),
+                    Err(e) => return Err(format!("reading: {e}")),
                 }
             },
             #[cfg(not(feature = "tls"))]
@@ -245,10 +245,9 @@ impl Transport {
                             });
                         }
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(format!("reading from the upstream: {e}")),
+                        Err(e) => return Err(format!("reading: {e}")),
                     }
-                    tls.process_new_packets()
-                        .map_err(|e| format!("TLS with the upstream: {e}"))?;
+                    tls.process_new_packets().map_err(|e| format!("TLS: {e}"))?;
                 }
             }
         }
@@ -260,11 +259,11 @@ impl Transport {
 fn flush_tls(tls: &mut ClientConnection, sock: &mut TcpStream) -> Result<bool, String> {
     while tls.wants_write() {
         match tls.write_tls(sock) {
-            Ok(0) => return Err("the upstream closed while we wrote".into()),
+            Ok(0) => return Err("it closed while we wrote".into()),
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("writing to the upstream: {e}")),
+            Err(e) => return Err(format!("writing: {e}")),
         }
     }
     Ok(true)
