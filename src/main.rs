@@ -93,6 +93,7 @@ fn backend(config: &Config) -> Result<Backend, String> {
                 .clone()
                 .ok_or_else(|| missing("--process-cmd"))?,
             max_output_bytes: config.max_message_bytes,
+            max_concurrent: config.workers,
         })?)),
         AgentKind::Cat => Backend::Polled(Arc::new(Cat::new(CatConfig {
             url: config.cat_url.clone().ok_or_else(|| missing("--cat-url"))?,
@@ -124,6 +125,10 @@ fn inherited_listener() -> Result<mio::net::TcpListener, String> {
     std_listener
         .set_nonblocking(true)
         .map_err(|e| format!("inherited socket: {e}"))?;
+    // systemd passes it without close-on-exec; the process agent's children must not
+    // inherit the listening socket.
+    rustix::io::fcntl_setfd(&std_listener, rustix::io::FdFlags::CLOEXEC)
+        .map_err(|e| format!("inherited socket: close-on-exec: {e}"))?;
     std_listener
         .local_addr()
         .map_err(|e| format!("inherited fd 3 is not a TCP listener: {e}"))?;

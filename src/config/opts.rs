@@ -127,7 +127,7 @@ pub(super) const OPTS: &[Opt] = &[
     Opt {
         name: "workers",
         value: "N",
-        help: "worker threads that run agent turns",
+        help: "threads for a blocking agent; children at once for --agent process",
         set: |c, v| v.size(1).map(|n| c.workers = n.min(1024)),
         show: |c| c.workers.to_string(),
     },
