@@ -9,15 +9,17 @@
 //! - `session`: a user's conversation (`session/mod.rs`) and the session table
 //!   (`session/table.rs`: routing, expiry, the cap, budgets; effects out); pure logic.
 //! - [`agent`]: what answers turns: the blocking [`Agent`] trait on the worker pool
-//!   (`agent/threaded.rs`, `agent/pool.rs`), agents driven by the loop (`agent/task.rs`),
-//!   the built-in echo agent (`agent/echo.rs`).
+//!   (`agent/threaded.rs`, `agent/pool.rs`); agents driven by the loop (`agent/task.rs`):
+//!   echo (`echo.rs`), an OpenAI-compatible LLM (`openai.rs`, over `transport.rs`, with the
+//!   pure `http1.rs` and `sse.rs` decoders), a program per turn (`process.rs`), a Cheshire
+//!   Cat upstream (`cat.rs`); upstream URLs resolved at start-up (`upstream.rs`).
 //! - `conn`: one connection: its phases (`conn/mod.rs`), the WebSocket with its
 //!   unsent-bytes accounting (`conn/ws.rs`), the counting socket (`conn/counted.rs`), the
 //!   heartbeat (`conn/heartbeat.rs`, pure).
 //! - `timer`: the deadline heap the event loop and the session table sleep on.
 //! - [`server`]: the event loop: the loop and shutdown (`server/mod.rs`), accepting and
 //!   the HTTP phase (`accept.rs`), socket I/O (`io.rs`), the session table's effects
-//!   (`effects.rs`), deadlines (`timers.rs`).
+//!   (`effects.rs`), the polled agents' tasks (`tasks.rs`), deadlines (`timers.rs`).
 //! - [`systemd`]: readiness and watchdog notifications, socket activation, the journal.
 //! - [`logging`]: log set-up for a terminal or the journal.
 
