@@ -164,6 +164,13 @@ fn description(err: &Value) -> &str {
     err["description"].as_str().unwrap_or_default()
 }
 
+/// straycat with `--agent process --process-cmd CMD` and `extra` options.
+fn start_process(cmd: &str, extra: &[&str]) -> Server {
+    let mut args = vec!["--agent", "process", "--process-cmd", cmd];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
 #[test]
 fn stdout_streams_as_tokens_that_join_to_the_reply_without_its_trailing_newline() {
     let s = Scratch::new("stream");
@@ -177,7 +184,7 @@ fn stdout_streams_as_tokens_that_join_to_the_reply_without_its_trailing_newline(
             wait_for("go2")
         ),
     );
-    let server = Server::start(&["--agent", "process", "--process-cmd", &cmd]);
+    let server = start_process(&cmd, &[]);
     let mut c = server.connect("alice", "");
     c.say("hi", Some("m1"));
     let first = c.recv_json();
@@ -204,7 +211,7 @@ fn a_character_cut_between_two_writes_is_sent_whole() {
             wait_for("go")
         ),
     );
-    let server = Server::start(&["--agent", "process", "--process-cmd", &cmd]);
+    let server = start_process(&cmd, &[]);
     let mut c = server.connect("bob", "");
     c.say("hi", None);
     let first = c.recv_json();
@@ -269,14 +276,7 @@ fn the_command_gets_one_json_line_then_end_of_file_and_its_user_in_the_environme
 fn a_line_larger_than_the_pipe_goes_in_whole() {
     let s = Scratch::new("big-line");
     let cmd = s.script("big.sh", "cat > \"$DIR/in.json\"; echo stored");
-    let server = Server::start(&[
-        "--agent",
-        "process",
-        "--process-cmd",
-        &cmd,
-        "--max-message-bytes",
-        "1000000",
-    ]);
+    let server = start_process(&cmd, &["--max-message-bytes", "1000000"]);
     let mut c = server.connect("dave", "");
     // Twice in the line (`text` and `message.text`): 600 KB, ten pipe buffers.
     let text = "0123456789".repeat(30_000);
@@ -295,14 +295,7 @@ fn a_command_that_does_not_read_stdin_is_answered() {
     let s = Scratch::new("no-stdin");
     // The line is larger than the pipe: its writing waits, then the pipe breaks.
     let cmd = s.script("ignore.sh", "sleep 0.3; echo 'not read'");
-    let server = Server::start(&[
-        "--agent",
-        "process",
-        "--process-cmd",
-        &cmd,
-        "--max-message-bytes",
-        "300000",
-    ]);
+    let server = start_process(&cmd, &["--max-message-bytes", "300000"]);
     let mut c = server.connect("erin", "");
     let text = "x".repeat(200_000);
     c.say(&text, None);
@@ -321,7 +314,7 @@ fn a_failing_command_gives_an_agent_error_with_its_status_and_last_stderr_line()
         "fail.sh",
         "echo 'loading' >&2; echo 'partial answer'; echo 'model file missing: /m.gguf' >&2; exit 3",
     );
-    let server = Server::start(&["--agent", "process", "--process-cmd", &cmd]);
+    let server = start_process(&cmd, &[]);
     let mut c = server.connect("frank", "");
     c.say("hi", Some("f1"));
     let (tokens, err) = recv_error(&mut c);
@@ -340,7 +333,7 @@ fn a_failing_command_gives_an_agent_error_with_its_status_and_last_stderr_line()
 fn a_command_killed_by_a_signal_gives_an_agent_error_naming_it() {
     let s = Scratch::new("signal");
     let cmd = s.script("signal.sh", "echo 'going down' >&2; kill -TERM $$; sleep 5");
-    let server = Server::start(&["--agent", "process", "--process-cmd", &cmd]);
+    let server = start_process(&cmd, &[]);
     let mut c = server.connect("grace", "");
     c.say("hi", None);
     let (_, err) = recv_error(&mut c);
@@ -362,14 +355,7 @@ fn a_hanging_command_times_out_and_its_whole_process_group_is_killed_and_reaped(
         "sleep 30 &\necho $$ > \"$DIR/pids.tmp\"; echo $! >> \"$DIR/pids.tmp\"\n\
          mv \"$DIR/pids.tmp\" \"$DIR/pids\"\nprintf 'thinking'\nwait",
     );
-    let server = Server::start(&[
-        "--agent",
-        "process",
-        "--process-cmd",
-        &cmd,
-        "--turn-timeout-secs",
-        "1",
-    ]);
+    let server = start_process(&cmd, &["--turn-timeout-secs", "1"]);
     let mut c = server.connect("heidi", "");
     c.say("hi", None);
     let pids = s.wait_lines("pids", 2);
@@ -392,14 +378,7 @@ fn a_command_that_closes_stdout_but_keeps_running_ends_at_the_turn_timeout() {
         "echo $$ > \"$DIR/pid.tmp\"; mv \"$DIR/pid.tmp\" \"$DIR/pid\"\n\
          echo 'all I have'; exec >&- ; sleep 30",
     );
-    let server = Server::start(&[
-        "--agent",
-        "process",
-        "--process-cmd",
-        &cmd,
-        "--turn-timeout-secs",
-        "1",
-    ]);
+    let server = start_process(&cmd, &["--turn-timeout-secs", "1"]);
     let mut c = server.connect("ivan", "");
     c.say("hi", None);
     let pid: u32 = s.wait_lines("pid", 1)[0].parse().unwrap();
@@ -418,14 +397,7 @@ fn an_exit_ends_the_turn_though_a_backgrounded_grandchild_holds_stdout() {
         "bg.sh",
         "sleep 30 &\necho $! > \"$DIR/pid.tmp\"; mv \"$DIR/pid.tmp\" \"$DIR/pid\"\necho done",
     );
-    let server = Server::start(&[
-        "--agent",
-        "process",
-        "--process-cmd",
-        &cmd,
-        "--turn-timeout-secs",
-        "60",
-    ]);
+    let server = start_process(&cmd, &["--turn-timeout-secs", "60"]);
     let mut c = server.connect("judy", "");
     let began = Instant::now();
     c.say("hi", None);
@@ -448,7 +420,7 @@ fn a_process_that_left_the_group_cannot_hold_the_turn() {
         "setsid yes escaped >&2 &\necho $! > \"$DIR/pid.tmp\"; mv \"$DIR/pid.tmp\" \"$DIR/pid\"\n\
          sleep 0.2; echo done",
     );
-    let server = Server::start(&["--agent", "process", "--process-cmd", &cmd]);
+    let server = start_process(&cmd, &[]);
     let mut c = server.connect("olga", "");
     c.say("hi", None);
     let pid: u32 = s.wait_lines("pid", 1)[0].parse().unwrap();
@@ -480,14 +452,7 @@ fn a_flood_past_the_message_limit_is_an_agent_error_and_the_command_is_killed() 
         "flood.sh",
         "echo $$ > \"$DIR/pid.tmp\"; mv \"$DIR/pid.tmp\" \"$DIR/pid\"; exec yes",
     );
-    let server = Server::start(&[
-        "--agent",
-        "process",
-        "--process-cmd",
-        &cmd,
-        "--max-message-bytes",
-        "4096",
-    ]);
+    let server = start_process(&cmd, &["--max-message-bytes", "4096"]);
     let mut c = server.connect("kim", "");
     c.say("hi", None);
     let (tokens, err) = recv_error(&mut c);
@@ -516,7 +481,7 @@ fn a_flood_past_the_message_limit_is_an_agent_error_and_the_command_is_killed() 
 fn output_that_is_not_utf8_is_an_agent_error() {
     let s = Scratch::new("bad-utf8");
     let cmd = s.script("bad.sh", "printf 'fine \\377\\376 then\\n'");
-    let server = Server::start(&["--agent", "process", "--process-cmd", &cmd]);
+    let server = start_process(&cmd, &[]);
     let mut c = server.connect("mia", "");
     c.say("hi", None);
     let (tokens, err) = recv_error(&mut c);
@@ -529,7 +494,7 @@ fn output_that_is_not_utf8_is_an_agent_error() {
     // Cut in the middle of a character at the end.
     let s2 = Scratch::new("cut-end");
     let cmd = s2.script("cut.sh", "printf 'ok \\344\\270'");
-    let server = Server::start(&["--agent", "process", "--process-cmd", &cmd]);
+    let server = start_process(&cmd, &[]);
     let mut c = server.connect("mia", "");
     c.say("hi", None);
     let (tokens, err) = recv_error(&mut c);
@@ -552,7 +517,7 @@ fn ten_users_are_answered_by_commands_running_at_the_same_time() {
          mv \"$DIR/$STRAYCAT_USER_ID.tmp\" \"$DIR/$STRAYCAT_USER_ID.times\"\n\
          echo \"done $STRAYCAT_USER_ID\"",
     );
-    let server = Server::start(&["--agent", "process", "--process-cmd", &cmd]);
+    let server = start_process(&cmd, &[]);
     const USERS: usize = 10;
     let barrier = Barrier::new(USERS);
     std::thread::scope(|scope| {
@@ -592,7 +557,7 @@ fn shutdown_kills_the_running_commands() {
         "sleep 30 &\necho $$ > \"$DIR/pids.tmp\"; echo $! >> \"$DIR/pids.tmp\"\n\
          mv \"$DIR/pids.tmp\" \"$DIR/pids\"\nwait",
     );
-    let mut server = Server::start(&["--agent", "process", "--process-cmd", &cmd]);
+    let mut server = start_process(&cmd, &[]);
     let mut c = server.connect("nia", "");
     c.say("hi", None);
     let pids = s.wait_lines("pids", 2);
