@@ -20,7 +20,9 @@ use super::{AgentError, PolledAgent, Step, Task, TaskCtx, Turn, Who};
 use log::info;
 use mio::{Interest, Registry};
 
+use serde::Deserialize;
 use serde_json::{Value, json};
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -181,6 +183,28 @@ impl PolledAgent for OpenAi {
     }
 }
 
+/// What straycat reads of a streamed chat-completion chunk (other fields are ignored).
+#[derive(Deserialize)]
+struct Chunk<'a> {
+    #[serde(borrow)]
+    choices: Option<Vec<Choice<'a>>>,
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct Choice<'a> {
+    #[serde(borrow)]
+    delta: Option<Delta<'a>>,
+    #[serde(borrow)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Delta<'a> {
+    #[serde(borrow)]
+    content: Option<Cow<'a, str>>,
+}
+
 /// One turn's request and response.
 struct OpenAiTask {
     addr: SocketAddr,
@@ -230,11 +254,10 @@ impl OpenAiTask {
         let got = conn
             .read(&mut self.raw, READ_BUDGET_BYTES)
             .map_err(upstream_error)?;
-        let raw = std::mem::take(&mut self.raw);
-        let progress = self
-            .reader
-            .feed(&raw, &mut self.body)
-            .map_err(|e| AgentError::Failed(format!("the upstream's answer: {e}")))?;
+        let fed = self.reader.feed(&self.raw, &mut self.body);
+        self.raw.clear();
+        let progress =
+            fed.map_err(|e| AgentError::Failed(format!("the upstream's answer: {e}")))?;
         if got.bytes >= READ_BUDGET_BYTES && !got.eof {
             // More may be waiting, and edge-triggered readiness will not say so again:
             // come back on the loop's next iteration, after the others had their turn.
@@ -254,19 +277,21 @@ impl OpenAiTask {
             return Ok(None);
         }
         if !self.body.is_empty() {
-            let body = std::mem::take(&mut self.body);
             let room = BODY_START_BYTES.saturating_sub(self.body_start.len());
-            self.body_start
-                .extend_from_slice(&body[..body.len().min(room)]);
-            self.sse
-                .feed(&body, &mut self.events)
-                .map_err(|e| AgentError::Failed(format!("the upstream's event stream: {e}")))?;
-            for event in std::mem::take(&mut self.events) {
+            let start = &self.body[..self.body.len().min(room)];
+            self.body_start.extend_from_slice(start);
+            let fed = self.sse.feed(&self.body, &mut self.events);
+            // Buffers keep their memory from token to token: no allocation per token.
+            self.body.clear();
+            fed.map_err(|e| AgentError::Failed(format!("the upstream's event stream: {e}")))?;
+            let mut events = std::mem::take(&mut self.events);
+            for event in events.drain(..) {
                 self.saw_event = true;
                 if let Some(answer) = self.on_event(&event, ctx)? {
                     return Ok(Some(answer));
                 }
             }
+            self.events = events;
         }
         if got.eof {
             self.sse.finish();
@@ -297,26 +322,27 @@ impl OpenAiTask {
                 ),
             };
         }
-        let chunk: Value = serde_json::from_str(data).map_err(|_| {
+        // Typed and borrowing: a token costs no map of the whole chunk, and no copy of
+        // its text unless it has escapes.
+        let chunk: Chunk<'_> = serde_json::from_str(data).map_err(|_| {
             AgentError::Failed(format!(
-                "the upstream sent an event that is not JSON: {}",
+                "the upstream sent an event that is not a chat-completion chunk: {}",
                 shorten(data)
             ))
         })?;
-        if let Some(err) = chunk.get("error") {
+        if let Some(err) = &chunk.error {
             return fail(format!("the upstream failed: {}", error_message(err)));
         }
-        let Some(choices) = chunk.get("choices").and_then(Value::as_array) else {
+        let Some(choices) = chunk.choices else {
             return fail("the upstream sent a chunk without choices");
         };
         // A final usage chunk has none; a role-only first chunk has no content.
-        let Some(choice) = choices.first() else {
+        let Some(choice) = choices.into_iter().next() else {
             return Ok(None);
         };
         if let Some(piece) = choice
-            .get("delta")
-            .and_then(|d| d.get("content"))
-            .and_then(Value::as_str)
+            .delta
+            .and_then(|d| d.content)
             .filter(|p| !p.is_empty())
         {
             if self.answer.len() + piece.len() > self.max_answer_bytes {
@@ -325,11 +351,11 @@ impl OpenAiTask {
                     self.max_answer_bytes
                 ));
             }
-            self.answer.push_str(piece);
-            ctx.token_text(piece.to_string());
+            self.answer.push_str(&piece);
+            ctx.token_text(piece.into_owned());
         }
-        if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
-            self.finish_reason = Some(reason.to_string());
+        if let Some(reason) = choice.finish_reason {
+            self.finish_reason = Some(reason.into_owned());
         }
         Ok(None)
     }
@@ -456,7 +482,10 @@ impl Task for OpenAiTask {
         Step::Pending
     }
 
-    fn ready(&mut self, _: usize, _: bool, _: bool, ctx: &mut TaskCtx<'_>) -> Step {
+    fn ready(&mut self, _: usize, readable: bool, _: bool, ctx: &mut TaskCtx<'_>) -> Step {
+        if readable && let Some(conn) = self.conn.as_mut() {
+            conn.readable_again(ctx.hung_up());
+        }
         self.step(ctx)
     }
 

@@ -102,6 +102,7 @@ pub struct TaskCtx<'a> {
     base: usize,
     now: Instant,
     out: &'a mut Vec<Stream>,
+    hung_up: bool,
 }
 
 impl<'a> TaskCtx<'a> {
@@ -117,7 +118,19 @@ impl<'a> TaskCtx<'a> {
             base,
             now,
             out,
+            hung_up: false,
         }
+    }
+
+    /// Marks the readiness event this call is for as a hang-up (or error).
+    pub(crate) fn set_hung_up(&mut self, hung_up: bool) {
+        self.hung_up = hung_up;
+    }
+
+    /// Whether the readiness event this call is for came with the peer's hang-up or an
+    /// error: then the end of a stream may sit behind bytes already announced.
+    pub fn hung_up(&self) -> bool {
+        self.hung_up
     }
 
     /// The loop's time for this iteration.

@@ -15,6 +15,13 @@ use std::sync::Arc;
 /// Bytes read from the socket per `read` call.
 const READ_CHUNK: usize = 16 * 1024;
 
+thread_local! {
+    /// The loop thread's read buffer, shared by every upstream connection: zeroed once, not
+    /// per read, and no memory per connection.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; READ_CHUNK].into_boxed_slice());
+}
+
 /// Without the `tls` feature there is no TLS to configure.
 #[cfg(not(feature = "tls"))]
 pub struct ClientConfig;
@@ -59,6 +66,13 @@ pub struct Transport {
     tls: Option<Box<ClientConnection>>,
     /// The TCP connect finished (a writable event with no error).
     connected: bool,
+    /// A plain read returned less than asked: the kernel's queue is empty, and with
+    /// edge-triggered readiness new bytes raise a new event. Until then a read would only
+    /// say `WouldBlock`, so it is not made (one syscall per token saved).
+    drained: bool,
+    /// A hang-up was seen: the end of the stream may sit behind the bytes of a short read
+    /// and raise no event of its own, so every read goes to the kernel.
+    hung_up: bool,
 }
 
 /// What a read gave.
@@ -99,7 +113,15 @@ impl Transport {
             sock,
             tls,
             connected: false,
+            drained: false,
+            hung_up: false,
         })
+    }
+
+    /// A readable event came (`hung_up`: with the peer's hang-up or an error).
+    pub fn readable_again(&mut self, hung_up: bool) {
+        self.drained = false;
+        self.hung_up |= hung_up;
     }
 
     /// The socket, to register with the loop.
@@ -161,8 +183,16 @@ impl Transport {
 
     /// Reads what is there now into `buf`, at most `limit` bytes more than it holds.
     pub fn read(&mut self, buf: &mut Vec<u8>, limit: usize) -> Result<Got, String> {
+        SCRATCH.with(|scratch| self.read_with(&mut scratch.borrow_mut(), buf, limit))
+    }
+
+    fn read_with(
+        &mut self,
+        chunk: &mut [u8],
+        buf: &mut Vec<u8>,
+        limit: usize,
+    ) -> Result<Got, String> {
         let start = buf.len();
-        let mut chunk = [0u8; READ_CHUNK];
         match &mut self.tls {
             None => loop {
                 if buf.len() - start >= limit {
@@ -171,14 +201,23 @@ impl Transport {
                         eof: false,
                     });
                 }
-                match self.sock.read(&mut chunk) {
+                if self.drained && !self.hung_up {
+                    return Ok(Got {
+                        bytes: buf.len() - start,
+                        eof: false,
+                    });
+                }
+                match self.sock.read(chunk) {
                     Ok(0) => {
                         return Ok(Got {
                             bytes: buf.len() - start,
                             eof: true,
                         });
                     }
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    Ok(n) => {
+                        buf.extend_from_slice(&chunk[..n]);
+                        self.drained = n < chunk.len();
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         return Ok(Got {
                             bytes: buf.len() - start,
@@ -196,7 +235,7 @@ impl Transport {
                 let mut tcp_eof = false;
                 loop {
                     // Plaintext first: what rustls already decrypted.
-                    match tls.reader().read(&mut chunk) {
+                    match tls.reader().read(chunk) {
                         Ok(0) => {
                             return Ok(Got {
                                 bytes: buf.len() - start,

@@ -276,7 +276,7 @@ impl Server {
                     token if token.0 >= TASK_TOKEN_BASE => {
                         let hung_up = event.is_read_closed() || event.is_error();
                         let readable = event.is_readable() || hung_up;
-                        self.task_event(token, readable, event.is_writable());
+                        self.task_event(token, (readable, event.is_writable(), hung_up));
                     }
                     Token(slot) => {
                         let Some(s) = self.conns.get(slot) else {

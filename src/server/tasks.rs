@@ -104,13 +104,16 @@ impl Server {
     }
 
     /// A task source's readiness event.
-    pub(super) fn task_event(&mut self, token: Token, readable: bool, writable: bool) {
+    /// `ready` is (readable, writable, hung up or failed).
+    pub(super) fn task_event(&mut self, token: Token, ready: (bool, bool, bool)) {
         let Some((slot, source)) = task_of(token) else {
             return;
         };
+        let (readable, writable, hung_up) = ready;
         // A slot freed and reused within one batch of events gets a spurious call, which
         // a task must take anyway (non-blocking reads say WouldBlock).
         self.task_step(slot, |task, ctx| {
+            ctx.set_hung_up(hung_up);
             task.ready(source, readable, writable, ctx)
         });
     }
