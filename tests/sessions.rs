@@ -111,16 +111,32 @@ fn new_connection_replaces_old_one_mid_answer() {
 
 #[test]
 fn reply_finished_while_disconnected_is_delivered_on_next_socket() {
-    let server = Server::start(&[]);
+    // The echo agent answers in the loop iteration that reads the message: without a delay
+    // the reply could reach the dying socket's kernel buffer (and count as handed) before
+    // the hang-up is read. With one, the reply is sure to finish after the disconnect,
+    // which the log line below proves.
+    let server = Server::start(&["--echo-delay-ms", "300"]);
     let mut c = server.connect("later", "");
     let with_socket = connections(&server);
     c.say("quick", Some("k1"));
     c.drop_tcp();
+    server
+        .wait_log_all(
+            &["user=later", "left while a turn was running"],
+            Duration::from_secs(10),
+        )
+        .expect("the socket went before the reply was ready");
     poll(
         "the server to drop the socket",
         Duration::from_secs(10),
         || (connections(&server) < with_socket).then_some(()),
     );
+    server
+        .wait_log_all(
+            &["user=later reply ready while away"],
+            Duration::from_secs(10),
+        )
+        .expect("the reply finished with no socket");
     let mut c = server.connect("later", "");
     let (_, chat) = c.recv_until_chat();
     assert_chat(&chat, "later", "quick", Some("k1"));
