@@ -447,6 +447,53 @@ fn upstream_200_with_empty_body() {
     }
 }
 
+/// A conversation that grew past the model's context must not fail every later turn: the
+/// turn is sent again with the older half of the history left out.
+#[test]
+fn a_prompt_too_long_for_the_context_is_sent_again_with_less_history() {
+    for (seed_n, overflow) in [
+        (40, Reply::stream(Framing::Chunked, Vec::new())),
+        (
+            41,
+            Reply::status(
+                400,
+                "Bad Request",
+                "application/json",
+                r#"{"error":{"message":"This model's maximum context length is 512 tokens"}}"#,
+            ),
+        ),
+    ] {
+        // The "model" takes at most 3 messages (one turn of history and the question).
+        let mock = Mock::start(seed(seed_n), move |req| {
+            if req.messages().len() > 3 {
+                overflow.clone()
+            } else {
+                echo_reply(req)
+            }
+        });
+        let server = straycat(&mock.url(), &[]);
+        let mut c = server.connect("long", "");
+        chat_ok(&mut c, "one", "a");
+        chat_ok(&mut c, "two", "b");
+        // 2 turns of history + the question = 5 messages: too long; sent again with the
+        // newest turn only.
+        chat_ok(&mut c, "three", "c");
+        let sizes: Vec<usize> = mock.requests().iter().map(|r| r.messages().len()).collect();
+        assert_eq!(sizes, [1, 3, 5, 3], "the retry left the oldest turn out");
+        let retry = &mock.requests()[3];
+        assert_eq!(
+            retry.messages()[0]["content"],
+            "two",
+            "the newest turn stayed"
+        );
+        assert!(
+            server
+                .wait_log_all(&["user=long", "did not fit the upstream's context"], WAIT)
+                .is_some()
+        );
+    }
+}
+
 #[test]
 fn upstream_200_with_a_body_that_is_not_an_event_stream() {
     let mock = failing_mock(29, || {

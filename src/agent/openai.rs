@@ -42,6 +42,12 @@ const BODY_START_BYTES: usize = 256;
 
 /// How the agent is set up; one value serves every turn.
 pub struct OpenAi {
+    inner: Arc<Inner>,
+}
+
+/// The agent's settings, shared with its turns (a turn that must be sent again with a
+/// shorter history builds its request anew).
+struct Inner {
     upstream: Upstream,
     /// Resolved once at start-up: no DNS on the loop.
     addr: SocketAddr,
@@ -85,7 +91,7 @@ impl OpenAi {
         } else {
             None
         };
-        Ok(OpenAi {
+        let inner = Inner {
             upstream,
             addr,
             tls,
@@ -94,9 +100,14 @@ impl OpenAi {
             system_prompt: c.system_prompt,
             max_concurrent: c.max_concurrent.max(1),
             max_answer_bytes: c.max_answer_bytes,
+        };
+        Ok(OpenAi {
+            inner: Arc::new(inner),
         })
     }
+}
 
+impl Inner {
     /// The request body for `turn`: the system prompt, the history as alternating user and
     /// assistant messages, then the user's message.
     fn body(&self, turn: &Turn) -> Vec<u8> {
@@ -115,6 +126,45 @@ impl OpenAi {
         json!({"model": self.model, "stream": true, "messages": messages})
             .to_string()
             .into_bytes()
+    }
+
+    /// The task that sends `turn`.
+    fn task(this: &Arc<Inner>, turn: Turn) -> OpenAiTask {
+        let me = this.as_ref();
+        let body = me.body(&turn);
+        let path = format!("{}/chat/completions", me.upstream.path);
+        let host = me.upstream.host_header();
+        let auth = me.api_key.as_ref().map(|k| format!("Bearer {k}"));
+        let mut headers = vec![
+            ("Content-Type", "application/json"),
+            ("Accept", "text/event-stream"),
+        ];
+        if let Some(auth) = &auth {
+            headers.push(("Authorization", auth.as_str()));
+        }
+        let request = http1::request("POST", &host, &path, &headers, &body);
+        OpenAiTask {
+            inner: Arc::clone(this),
+            addr: me.addr,
+            tls: me.tls.clone().map(|c| (c, me.upstream.host.clone())),
+            conn: None,
+            request,
+            written: 0,
+            reader: ResponseReader::new(MAX_HEAD_BYTES, usize::MAX),
+            sse: SseDecoder::new(me.max_answer_bytes.max(4096)),
+            max_answer_bytes: me.max_answer_bytes,
+            raw: Vec::new(),
+            body: Vec::new(),
+            events: Vec::new(),
+            answer: String::new(),
+            finish_reason: None,
+            error_body: Vec::new(),
+            body_start: Vec::new(),
+            saw_event: false,
+            again: None,
+            overflow: false,
+            turn,
+        }
     }
 }
 
@@ -145,41 +195,11 @@ impl PolledAgent for OpenAi {
                 "the openai agent answers text and images; this message has neither".into(),
             );
         }
-        let body = self.body(&turn);
-        let path = format!("{}/chat/completions", self.upstream.path);
-        let host = self.upstream.host_header();
-        let auth = self.api_key.as_ref().map(|k| format!("Bearer {k}"));
-        let mut headers = vec![
-            ("Content-Type", "application/json"),
-            ("Accept", "text/event-stream"),
-        ];
-        if let Some(auth) = &auth {
-            headers.push(("Authorization", auth.as_str()));
-        }
-        let request = http1::request("POST", &host, &path, &headers, &body);
-        Box::new(OpenAiTask {
-            addr: self.addr,
-            tls: self.tls.clone().map(|c| (c, self.upstream.host.clone())),
-            conn: None,
-            request,
-            written: 0,
-            reader: ResponseReader::new(MAX_HEAD_BYTES, usize::MAX),
-            sse: SseDecoder::new(self.max_answer_bytes.max(4096)),
-            max_answer_bytes: self.max_answer_bytes,
-            raw: Vec::new(),
-            body: Vec::new(),
-            events: Vec::new(),
-            answer: String::new(),
-            finish_reason: None,
-            error_body: Vec::new(),
-            body_start: Vec::new(),
-            saw_event: false,
-            again: None,
-        })
+        Box::new(Inner::task(&self.inner, turn))
     }
 
     fn max_concurrent(&self) -> Option<usize> {
-        Some(self.max_concurrent)
+        Some(self.inner.max_concurrent)
     }
 }
 
@@ -207,6 +227,12 @@ struct Delta<'a> {
 
 /// One turn's request and response.
 struct OpenAiTask {
+    inner: Arc<Inner>,
+    /// The turn, kept to send it again with less history if the prompt did not fit.
+    turn: Turn,
+    /// The upstream said the prompt is too long for its context (an empty 200, as
+    /// llama-cpp-python answers, or a 400 that says so).
+    overflow: bool,
     addr: SocketAddr,
     tls: Option<(Arc<ClientConfig>, String)>,
     conn: Option<Transport>,
@@ -272,7 +298,13 @@ impl OpenAiTask {
             self.error_body.extend_from_slice(&self.body[..take]);
             self.body.clear();
             if progress == Progress::Complete || got.eof {
-                return fail(status_error(status, &reason, &self.error_body));
+                let why = status_error(status, &reason, &self.error_body);
+                let lower = why.to_ascii_lowercase();
+                self.overflow = matches!(status, 400 | 413)
+                    && ["context", "too long", "too many tokens"]
+                        .iter()
+                        .any(|w| lower.contains(w));
+                return fail(why);
             }
             return Ok(None);
         }
@@ -366,6 +398,7 @@ impl OpenAiTask {
             return self.answer_or_empty();
         }
         if self.body_start.is_empty() {
+            self.overflow = true;
             fail(
                 "the upstream answered with an empty body (is the prompt too long for its context?)",
             )
@@ -409,6 +442,23 @@ impl OpenAiTask {
         match self.drive(ctx) {
             Ok(None) => Step::Pending,
             Ok(Some(answer)) => self.done(ctx, Ok(answer)),
+            Err(e) if self.overflow && !self.turn.history.is_empty() => {
+                // A conversation longer than the model's context would otherwise fail at
+                // every turn from now on (nothing new enters the history): send it again
+                // with the older half of the history left out, down to none.
+                self.close(ctx.registry());
+                let mut turn = std::mem::replace(&mut self.turn, empty_turn());
+                let all = turn.history.len();
+                let drop = all.div_ceil(2).next_multiple_of(2).min(all);
+                turn.history.drain(..drop);
+                info!(
+                    "user={} the prompt did not fit the upstream's context ({e}); sending it again with the newest {} of {all} history lines",
+                    turn.user,
+                    turn.history.len()
+                );
+                *self = Inner::task(&self.inner, turn);
+                Task::start(self, ctx)
+            }
             Err(e) => self.done(ctx, Err(e)),
         }
     }
@@ -422,6 +472,16 @@ impl OpenAiTask {
         if let Some(mut conn) = self.conn.take() {
             let _ = registry.deregister(conn.socket());
         }
+    }
+}
+
+/// A placeholder while a turn moves to its retry.
+fn empty_turn() -> Turn {
+    Turn {
+        user: crate::protocol::UserId::default_user(),
+        text: String::new(),
+        fields: serde_json::Map::new(),
+        history: Vec::new(),
     }
 }
 
