@@ -21,8 +21,9 @@ the model that never stops and a context of 512 tokens, so that every answer las
           request arrives (it sends [DONE] without a finish_reason); bob must get an
           AgentError, never a partial chat, and carol her answer.
   overflow  erin's first turn fills the server's context (finish_reason "length"); her
-          second, whose history no longer fits, gets the server's 200 with an empty body:
-          an AgentError.
+          second, whose history no longer fits, gets the server's 200 with an empty body;
+          straycat sends it again with less history (none here), and erin gets her chat;
+          her third turn works too.
   long    a turn longer than 15 s, so the stream carries the server's `: ping` comments,
           ends with its complete chat.
   timeout with --turn-timeout-secs 2 and an answer of ~30 s: fay's turn ends with Timeout,
@@ -376,25 +377,16 @@ def overflow(a):
     check_reply("overflow: turn 1", t1, exchange_for(exs, t1))
     t2 = one_turn(a.ws, "erin", "And now?", "e-2", a.timeout)
     exs = wait_exchanges(a.dir, [t2])
-    ex = exchange_for(exs, t2)
-    if ex is not None:
-        say("INFO", "overflow: turn 2", f"the server answered {ex.response_head.splitlines()[0]!r} "
-            f"with {len(ex.raw_body)} body bytes {ex.raw_body[:20]!r}")
-    check("overflow: turn 2, whose history no longer fits the context, is an AgentError",
-          t2.final is not None and t2.final.get("name") == "AgentError" and not t2.tokens,
-          t2.describe())
-    # Not a check: what a user in that state can do. straycat keeps only answered turns in
-    # the history, so the one that overflowed is sent again with every new message.
+    mine = [e for e in exs if e.last_user_text() == t2.text]
+    sizes = [len(e.messages() or []) for e in mine]
+    empty = [e for e in mine if e.raw_body.strip() in (b"", b"0")]
+    check("overflow: turn 2's first request, with the history, got the server's empty 200",
+          len(mine) >= 2 and len(empty) >= 1, f"{len(mine)} requests, messages {sizes}")
+    check("overflow: turn 2 was sent again with less history and ends with its chat",
+          t2.ok_chat() and len(sizes) >= 2 and sizes[-1] < sizes[0], t2.describe())
     t3 = one_turn(a.ws, "erin", "Hi?", "e-3", a.timeout)
     exs = wait_exchanges(a.dir, [t3])
-    ex = exchange_for(exs, t3)
-    n = len(ex.messages() or []) if ex else "?"
-    if t3.ok_chat():
-        say("INFO", "overflow: turn 3", f"a short new message works again ({n} messages sent)")
-    else:
-        say("INFO", "overflow: turn 3", f"a short new message fails the same way ({n} messages sent: "
-            f"the history that overflowed is resent every turn, so erin stays stuck until her session "
-            f"expires or --history-turns turns pass): {t3.describe()}")
+    check("overflow: turn 3 works too (the user is not locked out)", t3.ok_chat(), t3.describe())
 
 
 def long(a):
