@@ -99,7 +99,6 @@ impl Server {
             timer_at: None,
         });
         tasks.by_turn.insert(key.turn_id, slot);
-        self.sessions.turn_began(&key, now);
         self.task_step(slot, |task, ctx| task.start(ctx));
     }
 
@@ -199,6 +198,9 @@ impl Server {
             && tasks.has_room()
             && let Some(job) = tasks.waiting.pop_front()
         {
+            // Its time starts now; a turn that did not wait keeps the deadline the session
+            // table gave it when it started.
+            self.sessions.turn_began(&job.key, self.now.mono);
             self.start_task(job);
         }
         if let Some(tasks) = self.tasks.as_mut() {
