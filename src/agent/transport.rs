@@ -193,37 +193,24 @@ impl Transport {
         limit: usize,
     ) -> Result<Got, String> {
         let start = buf.len();
+        let got = |buf: &Vec<u8>, eof| {
+            Ok(Got {
+                bytes: buf.len() - start,
+                eof,
+            })
+        };
         match &mut self.tls {
             None => loop {
-                if buf.len() - start >= limit {
-                    return Ok(Got {
-                        bytes: buf.len() - start,
-                        eof: false,
-                    });
-                }
-                if self.drained && !self.hung_up {
-                    return Ok(Got {
-                        bytes: buf.len() - start,
-                        eof: false,
-                    });
+                if buf.len() - start >= limit || (self.drained && !self.hung_up) {
+                    return got(buf, false);
                 }
                 match self.sock.read(chunk) {
-                    Ok(0) => {
-                        return Ok(Got {
-                            bytes: buf.len() - start,
-                            eof: true,
-                        });
-                    }
+                    Ok(0) => return got(buf, true),
                     Ok(n) => {
                         buf.extend_from_slice(&chunk[..n]);
                         self.drained = n < chunk.len();
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        return Ok(Got {
-                            bytes: buf.len() - start,
-                            eof: false,
-                        });
-                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return got(buf, false),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(format!("reading: {e}")),
                 }
@@ -237,18 +224,12 @@ impl Transport {
                     // Plaintext first: what rustls already decrypted.
                     match tls.reader().read(chunk) {
                         Ok(0) => {
-                            return Ok(Got {
-                                bytes: buf.len() - start,
-                                eof: true,
-                            });
+                            return got(buf, true);
                         }
                         Ok(n) => {
                             buf.extend_from_slice(&chunk[..n]);
                             if buf.len() - start >= limit {
-                                return Ok(Got {
-                                    bytes: buf.len() - start,
-                                    eof: false,
-                                });
+                                return got(buf, false);
                             }
                             continue;
                         }
@@ -259,18 +240,12 @@ impl Transport {
                         // chunked end, the Content-Length, the stream's finish_reason)
                         // tells a whole answer from a truncated one.
                         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                            return Ok(Got {
-                                bytes: buf.len() - start,
-                                eof: true,
-                            });
+                            return got(buf, true);
                         }
                         Err(e) => return Err(format!("TLS: {e}")),
                     }
                     if tcp_eof {
-                        return Ok(Got {
-                            bytes: buf.len() - start,
-                            eof: true,
-                        });
+                        return got(buf, true);
                     }
                     match tls.read_tls(&mut self.sock) {
                         Ok(0) => tcp_eof = true,
@@ -278,10 +253,7 @@ impl Transport {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             // Handshake replies, key updates.
                             flush_tls(tls, &mut self.sock)?;
-                            return Ok(Got {
-                                bytes: buf.len() - start,
-                                eof: false,
-                            });
+                            return got(buf, false);
                         }
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                         Err(e) => return Err(format!("reading: {e}")),

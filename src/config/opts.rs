@@ -88,6 +88,12 @@ impl Value<'_> {
         }
     }
 
+    /// Sets an optional text option (empty: unset).
+    pub(super) fn optional_into(&self, field: &mut Option<String>) -> Result<(), ConfigError> {
+        *field = self.optional();
+        Ok(())
+    }
+
     /// An optional text: empty means unset.
     pub(super) fn optional(&self) -> Option<String> {
         let t = self.text.trim();
@@ -311,30 +317,21 @@ pub(super) const OPTS: &[Opt] = &[
         name: "openai-model",
         value: "NAME",
         help: "openai: the model of each request",
-        set: |c, v| {
-            c.openai_model = v.optional();
-            Ok(())
-        },
+        set: |c, v| v.optional_into(&mut c.openai_model),
         show: |c| c.openai_model.clone().unwrap_or_default(),
     },
     Opt {
         name: "openai-api-key",
         value: "KEY",
         help: "openai: sent as Authorization: Bearer KEY",
-        set: |c, v| {
-            c.openai_api_key = v.optional();
-            Ok(())
-        },
+        set: |c, v| v.optional_into(&mut c.openai_api_key),
         show: |c| c.openai_api_key.clone().unwrap_or_default(),
     },
     Opt {
         name: "system-prompt",
         value: "TEXT",
         help: "openai: the system message that starts every conversation",
-        set: |c, v| {
-            c.system_prompt = v.optional();
-            Ok(())
-        },
+        set: |c, v| v.optional_into(&mut c.system_prompt),
         show: |c| c.system_prompt.clone().unwrap_or_default(),
     },
     Opt {
@@ -348,10 +345,7 @@ pub(super) const OPTS: &[Opt] = &[
         name: "process-cmd",
         value: "CMD",
         help: "process: the command run per turn by /bin/sh -c",
-        set: |c, v| {
-            c.process_cmd = v.optional();
-            Ok(())
-        },
+        set: |c, v| v.optional_into(&mut c.process_cmd),
         show: |c| c.process_cmd.clone().unwrap_or_default(),
     },
     Opt {
@@ -371,10 +365,7 @@ pub(super) const OPTS: &[Opt] = &[
         name: "cat-token",
         value: "KEY",
         help: "cat: the Cat's token (?token=)",
-        set: |c, v| {
-            c.cat_token = v.optional();
-            Ok(())
-        },
+        set: |c, v| v.optional_into(&mut c.cat_token),
         show: |c| c.cat_token.clone().unwrap_or_default(),
     },
 ];

@@ -215,17 +215,17 @@ impl Server {
         let Some(peer) = self.conn(id).map(|c| c.peer()) else {
             return;
         };
-        let mut effects = std::mem::take(&mut self.effects);
         let kind = match upgrade {
             Upgrade::Echo => {
                 debug!("user=(echo) peer={peer} connected");
                 Kind::Echo
             }
             Upgrade::Chat(target) => {
-                let at = self
-                    .sessions
-                    .attach(id, &target.user, target.since, now, &mut effects);
-                let frames = effects
+                let at =
+                    self.sessions
+                        .attach(id, &target.user, target.since, now, &mut self.effects);
+                let frames = self
+                    .effects
                     .iter()
                     .filter(|e| matches!(e, crate::session::Effect::Send(..)))
                     .count();
@@ -246,7 +246,6 @@ impl Server {
             slot.timer_at = None;
         }
         self.schedule_conn(id, heartbeat.poll_at());
-        self.effects = effects;
         self.apply_effects();
         // Data the client sent right behind its request is already in our buffer or the
         // kernel's, and no new readiness edge will announce it.
