@@ -101,6 +101,8 @@ pub enum Route {
     Echo,
     /// `GET /health`.
     Health,
+    /// `GET /`: the chat page (served unless `--page 0`).
+    Page,
     /// Refused with this status and reason (the reason becomes the body and the log line).
     Refuse(u16, String),
 }
@@ -129,6 +131,7 @@ pub fn route(req: &Request, api_key: Option<&str>, raw_echo: bool) -> Route {
     if !wants_ws {
         return match req.path.as_str() {
             "/health" => Route::Health,
+            "/" | "/index.html" => Route::Page,
             _ => Route::Refuse(404, format!("no such endpoint {}", req.path)),
         };
     }

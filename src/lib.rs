@@ -6,6 +6,7 @@
 //!   (`config/opts.rs`).
 //! - `protocol`: the wire format: user ids, client messages, the JSON frames sent back.
 //! - `http`: the request head: parsing, routing, HTTP answers.
+//! - `page`: the chat page served at `/` (`page/index.html`, embedded in the binary).
 //! - `session`: a user's conversation (`session/mod.rs`) and the session table
 //!   (`session/table.rs`: routing, expiry, the cap, budgets; effects out); pure logic.
 //! - [`agent`]: what answers turns: the blocking [`Agent`] trait on the worker pool
@@ -31,6 +32,7 @@ pub mod config;
 mod conn;
 mod http;
 pub mod logging;
+mod page;
 mod protocol;
 pub mod server;
 mod session;

@@ -54,6 +54,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Serve the `/echo` endpoint (conformance suite and benchmarks).
     pub raw_echo: bool,
+    /// Serve the chat page at `/`.
+    pub page: bool,
     /// Log level name (`error`, `warn`, `info`, `debug`, `trace`, `off`).
     pub log_level: String,
     /// Which agent answers.
@@ -124,6 +126,7 @@ impl Default for Config {
             max_sessions: 4096,
             handshake_timeout: Duration::from_secs(10),
             raw_echo: false,
+            page: true,
             log_level: "info".to_string(),
             agent: AgentKind::Echo,
             openai_url: None,

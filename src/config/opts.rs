@@ -268,6 +268,13 @@ pub(super) const OPTS: &[Opt] = &[
         show: |c| on_off(c.raw_echo),
     },
     Opt {
+        name: "page",
+        value: "",
+        help: "serve the chat page at / (off: / is 404)",
+        set: |c, v| v.switch().map(|on| c.page = on),
+        show: |c| on_off(c.page),
+    },
+    Opt {
         name: "log-level",
         value: "LEVEL",
         help: "error, warn, info, debug, trace or off (RUST_LOG also works)",

@@ -73,6 +73,7 @@ fn off_default(opt: &Opt) -> &'static str {
         "2048",
         "127.0.0.1:9",
         "on",
+        "off",
         "debug",
         "cat",
         "http://127.0.0.1:9/v1",

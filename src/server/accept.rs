@@ -5,6 +5,7 @@ use super::timers::TimerKey;
 use super::{Server, Slot};
 use crate::conn::{Conn, ConnId, HeadRead, Heartbeat, Kind, Stage, Upgrade};
 use crate::http::{self, Route};
+use crate::page;
 use log::{debug, error, info, warn};
 use mio::net::TcpStream;
 use mio::{Interest, Token};
@@ -165,6 +166,13 @@ impl Server {
                         let body = self.health_json();
                         self.answer(id, http::response(200, "application/json", &body), None);
                     }
+                    Route::Page if self.config.page => {
+                        debug!("user=- peer={peer} GET {}", req.path);
+                        self.answer(id, page::response(), None);
+                    }
+                    Route::Page => {
+                        self.answer(id, http::refusal(404, "no page here (--page 0)"), None);
+                    }
                     Route::Refuse(status, why) => {
                         info!(
                             "user=- peer={peer} {} {} refused with {status}: {why}",
@@ -195,10 +203,15 @@ impl Server {
         }
     }
 
-    fn answer(&mut self, id: ConnId, bytes: Vec<u8>, upgrade: Option<(Upgrade, Vec<u8>)>) {
+    fn answer(
+        &mut self,
+        id: ConnId,
+        bytes: impl Into<Cow<'static, [u8]>>,
+        upgrade: Option<(Upgrade, Vec<u8>)>,
+    ) {
         let deadline = self.now.mono + LINGER_TIMEOUT;
         if let Some(conn) = self.conn(id) {
-            conn.respond(Cow::Owned(bytes), upgrade, deadline);
+            conn.respond(bytes.into(), upgrade, deadline);
             self.on_writable(id);
         }
     }
