@@ -17,6 +17,9 @@
 //! - `conn`: one connection: its phases (`conn/mod.rs`), the WebSocket with its
 //!   unsent-bytes accounting (`conn/ws.rs`), the counting socket (`conn/counted.rs`), the
 //!   heartbeat (`conn/heartbeat.rs`, pure).
+//! - `store`: the state dir (`--state-dir`): the journal's records (`store/record.rs`,
+//!   pure), its writer thread with group commit and compaction (`store/journal.rs`),
+//!   start-up replay (`store/mod.rs`).
 //! - `timer`: the deadline heap the event loop and the session table sleep on.
 //! - [`server`]: the event loop: the loop and shutdown (`server/mod.rs`), accepting and
 //!   the HTTP phase (`accept.rs`), socket I/O (`io.rs`), the session table's effects
@@ -36,6 +39,7 @@ mod page;
 mod protocol;
 pub mod server;
 mod session;
+mod store;
 pub mod systemd;
 mod timer;
 

@@ -34,6 +34,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let server = match server.with_state_dir() {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
     if let Err(e) = server.shutdown_handle().on_termination_signals() {
         log::error!("cannot install signal handlers: {e}");
         return ExitCode::FAILURE;

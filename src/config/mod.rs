@@ -56,6 +56,8 @@ pub struct Config {
     pub raw_echo: bool,
     /// Serve the chat page at `/`.
     pub page: bool,
+    /// Where sessions are kept across restarts; `None`: in memory only.
+    pub state_dir: Option<String>,
     /// Log level name (`error`, `warn`, `info`, `debug`, `trace`, `off`).
     pub log_level: String,
     /// Which agent answers.
@@ -127,6 +129,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             raw_echo: false,
             page: true,
+            state_dir: None,
             log_level: "info".to_string(),
             agent: AgentKind::Echo,
             openai_url: None,

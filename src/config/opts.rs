@@ -275,6 +275,13 @@ pub(super) const OPTS: &[Opt] = &[
         show: |c| on_off(c.page),
     },
     Opt {
+        name: "state-dir",
+        value: "DIR",
+        help: "keep sessions in DIR across restarts and crashes (made if missing; none: memory only)",
+        set: |c, v| v.optional_into(&mut c.state_dir),
+        show: |c| c.state_dir.clone().unwrap_or_default(),
+    },
+    Opt {
         name: "log-level",
         value: "LEVEL",
         help: "error, warn, info, debug, trace or off (RUST_LOG also works)",

@@ -167,7 +167,7 @@ impl Server {
 
     /// Takes the socket out of its session (the session lives on).
     pub(super) fn detach(&mut self, id: ConnId) {
-        let now = self.now.mono;
+        let now = self.now;
         let Some(conn) = self.conn(id) else { return };
         let Some(at) = conn.session().cloned() else {
             return;

@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::conn::{Conn, ConnId, READ_BUFFER_BYTES, Stage};
 use crate::protocol::unix_now;
 use crate::session::{Effect, Limits, Now, Sessions, TableLimits};
+use crate::store::{self, Store};
 use crate::systemd::SdNotify;
 use crate::timer::Timers;
 use log::{error, info, warn};
@@ -137,6 +138,8 @@ pub struct Server {
     sd_notify: Option<SdNotify>,
     /// How often to tell systemd the loop is alive (half of `WatchdogSec`).
     watchdog: Option<Duration>,
+    /// The state dir's journal, with `--state-dir`.
+    store: Option<Store>,
 }
 
 impl Server {
@@ -217,8 +220,27 @@ impl Server {
             stopping: None,
             sd_notify: None,
             watchdog: None,
+            store: None,
             config,
         })
+    }
+
+    /// With `--state-dir`: replays the state dir's journal into the session table (the
+    /// turns it owes start when the loop runs) and keeps writing it from now on. An
+    /// error is one sentence: the dir cannot be made, locked, read or written.
+    pub fn with_state_dir(mut self) -> Result<Server, String> {
+        let Some(dir) = self.config.state_dir.clone() else {
+            return Ok(self);
+        };
+        let now = clock();
+        let store = store::restore_into(
+            std::path::Path::new(&dir),
+            &mut self.sessions,
+            now,
+            &mut self.effects,
+        )?;
+        self.store = Some(store);
+        Ok(self)
     }
 
     /// The address the listener is bound to.
@@ -251,9 +273,13 @@ impl Server {
             info!("systemd watchdog: notifying every {} ms", every.as_millis());
             self.timers.push(Instant::now(), TimerKey::Watchdog);
         }
+        // The turns a restored state dir owes.
+        self.apply_effects();
         loop {
-            let timeout = if self.read_queue.is_empty() {
-                let next = [self.timers.next_at(), self.sessions.poll_at()]
+            let store_busy = self.store.as_ref().is_some_and(Store::busy);
+            let timeout = if self.read_queue.is_empty() && !store_busy {
+                let store_at = self.store.as_ref().and_then(Store::wake_at);
+                let next = [self.timers.next_at(), self.sessions.poll_at(), store_at]
                     .into_iter()
                     .flatten()
                     .min();
@@ -308,6 +334,9 @@ impl Server {
             self.run_timers();
             self.sessions.enforce_budgets();
             self.flush_all();
+            if let Some(store) = &mut self.store {
+                store.after_iteration(&mut self.sessions, self.now);
+            }
             if let Some(pool) = &self.pool {
                 pool.kick();
             }
@@ -315,6 +344,9 @@ impl Server {
                 self.begin_shutdown();
             }
             if self.shutdown_finished() {
+                if let Some(store) = self.store.take() {
+                    store.stop(&mut self.sessions);
+                }
                 return Ok(());
             }
         }
@@ -348,14 +380,18 @@ impl Server {
     }
 
     fn health_json(&self) -> String {
-        serde_json::json!({
-            "status": "ok",
+        let degraded = self.store.as_ref().is_some_and(Store::degraded);
+        let mut health = serde_json::json!({
+            "status": if degraded { "degraded" } else { "ok" },
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_s": self.started.elapsed().as_secs(),
             "connections": self.conns.len(),
             "sessions": self.sessions.len(),
-        })
-        .to_string()
+        });
+        if let Some(store) = &self.store {
+            health["state"] = store.health();
+        }
+        health.to_string()
     }
 
     /// Stops accepting, cancels every turn, and closes every socket with 1001.

@@ -3,6 +3,7 @@
 //! event loop calls in with the time and writes whatever comes out, so every rule of
 //! PROTOCOL.md about who gets which frame is unit-tested here without a socket.
 
+mod durable;
 mod table;
 mod tally;
 
@@ -11,6 +12,7 @@ pub use table::{Detached, Effect, SessionRef, Sessions, TableLimits};
 use crate::agent::{AgentError, CancelToken, HistoryEntry, Turn, Who};
 use crate::conn::ConnId;
 use crate::protocol::{ClientMessage, ErrorName, Held, UserId, encode_held, encode_token};
+use crate::store::Change;
 use log::warn;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -72,8 +74,8 @@ enum IdState {
 #[derive(Debug)]
 struct Running {
     turn_id: u64,
-    msg_id: Option<String>,
-    input: String,
+    /// The message it answers, kept whole so that a state snapshot can run it again.
+    msg: ClientMessage,
     /// `None` while the turn waits for an upstream slot: its time starts when it runs.
     deadline: Option<Instant>,
     cancel: CancelToken,
@@ -112,6 +114,8 @@ pub struct Session {
     queue: VecDeque<ClientMessage>,
     ids: VecDeque<(String, IdState)>,
     idle_since: Instant,
+    /// With a state dir: the changes not yet taken by the session table for the journal.
+    changes: Option<Vec<Change>>,
 }
 
 impl Session {
@@ -130,6 +134,26 @@ impl Session {
             queue: VecDeque::new(),
             ids: VecDeque::new(),
             idle_since: now,
+            changes: None,
+        }
+    }
+
+    /// From now on, every change is kept for [`Session::take_changes`].
+    pub fn record_changes(&mut self) {
+        self.changes.get_or_insert_with(Vec::new);
+    }
+
+    /// The changes since the last call, in order, for the journal.
+    pub fn take_changes(&mut self) -> Vec<Change> {
+        self.changes
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    fn log(&mut self, change: Change) {
+        if let Some(changes) = &mut self.changes {
+            changes.push(change);
         }
     }
 
@@ -150,6 +174,9 @@ impl Session {
         now: Now,
     ) -> (Option<ConnId>, Vec<Outgoing>) {
         let replaced = self.conn.replace(conn).filter(|old| *old != conn);
+        if replaced.is_none() {
+            self.log(Change::Attached);
+        }
         let last = self.next_seq - 1;
         let from = since.unwrap_or(self.handed_upto);
         let mut replay: Vec<Outgoing> = self
@@ -187,10 +214,11 @@ impl Session {
     }
 
     /// Detaches `conn` if it is the attached one (a replaced connection is not).
-    pub fn detach(&mut self, conn: ConnId, now: Instant) -> bool {
+    pub fn detach(&mut self, conn: ConnId, now: Now) -> bool {
         if self.conn == Some(conn) {
             self.conn = None;
-            self.idle_since = now;
+            self.idle_since = now.mono;
+            self.log(Change::Idle { unix: now.unix });
             true
         } else {
             false
@@ -199,7 +227,10 @@ impl Session {
 
     /// Records that every frame up to `seq` reached the kernel of the attached socket.
     pub fn mark_handed(&mut self, seq: u64) {
-        self.handed_upto = self.handed_upto.max(seq);
+        if seq > self.handed_upto {
+            self.handed_upto = seq;
+            self.log(Change::Handed { seq });
+        }
     }
 
     /// Holds a new frame, evicting the oldest past the bound, and returns it for sending.
@@ -215,6 +246,10 @@ impl Session {
         let text = Utf8Bytes::from(encode_held(&frame, &self.user, seq, reply_to, now.unix));
         self.held_bytes.add(text.len());
         self.held.push_back(HeldFrame {
+            seq,
+            text: text.clone(),
+        });
+        self.log(Change::Frame {
             seq,
             text: text.clone(),
         });
@@ -268,19 +303,31 @@ impl Session {
                 now,
             ));
         }
+        if self.changes.is_some() {
+            self.log(Change::Accepted(msg.clone()));
+        }
+        self.enqueue(msg, limits);
+        Accepted::Queued
+    }
+
+    /// Queues an accepted message and remembers its id as pending.
+    fn enqueue(&mut self, msg: ClientMessage, limits: &Limits) {
         if let Some(id) = &msg.id {
-            self.ids.push_back((id.clone(), IdState::Pending));
-            // Ids of answered messages are only useful while their replies are held.
-            let cap = limits.max_held_frames + limits.max_queued_turns + 1;
-            while self.ids.len() > cap {
-                match self.ids.iter().position(|(_, s)| *s != IdState::Pending) {
-                    Some(i) => drop(self.ids.remove(i)),
-                    None => break,
-                }
-            }
+            self.remember_id(id.clone(), IdState::Pending, limits);
         }
         self.queue.push_back(msg);
-        Accepted::Queued
+    }
+
+    fn remember_id(&mut self, id: String, state: IdState, limits: &Limits) {
+        self.ids.push_back((id, state));
+        // Ids of answered messages are only useful while their replies are held.
+        let cap = limits.max_held_frames + limits.max_queued_turns + 1;
+        while self.ids.len() > cap {
+            match self.ids.iter().position(|(_, s)| *s != IdState::Pending) {
+                Some(i) => drop(self.ids.remove(i)),
+                None => break,
+            }
+        }
     }
 
     /// Starts the next queued turn if none is running; returns what the agent needs.
@@ -295,19 +342,18 @@ impl Session {
         }
         let msg = self.queue.pop_front()?;
         let cancel = CancelToken::new();
+        let turn = Turn {
+            user: self.user.clone(),
+            text: msg.text.clone(),
+            fields: msg.fields.clone(),
+            history: self.history.iter().cloned().collect(),
+        };
         self.running = Some(Running {
             turn_id,
-            msg_id: msg.id.clone(),
-            input: msg.text.clone(),
+            msg,
             deadline: Some(now.mono + limits.turn_timeout),
             cancel: cancel.clone(),
         });
-        let turn = Turn {
-            user: self.user.clone(),
-            text: msg.text,
-            fields: msg.fields,
-            history: self.history.iter().cloned().collect(),
-        };
         Some((turn, cancel))
     }
 
@@ -350,7 +396,8 @@ impl Session {
             .running
             .as_ref()
             .filter(|r| r.turn_id == turn_id)?
-            .msg_id
+            .msg
+            .id
             .clone();
         Some(self.push(Held::Notification(text), reply_to.as_deref(), limits, now))
     }
@@ -369,11 +416,11 @@ impl Session {
         let running = self.running.take()?;
         let frame = match outcome {
             Ok(text) => {
-                self.remember(Who::Human, Arc::from(running.input.as_str()), limits);
+                self.remember(Who::Human, Arc::from(running.msg.text.as_str()), limits);
                 self.remember(Who::Ai, Arc::from(text.as_str()), limits);
                 Held::Chat {
                     text,
-                    input: running.input,
+                    input: running.msg.text,
                 }
             }
             Err(AgentError::Failed(why)) => Held::Error(ErrorName::AgentError, why),
@@ -381,7 +428,7 @@ impl Session {
                 Held::Error(ErrorName::AgentError, "the turn was cancelled".into())
             }
         };
-        Some(self.close_turn(running.msg_id, frame, limits, now))
+        Some(self.close_turn(running.msg.id, frame, limits, now))
     }
 
     /// Ends the running turn with `Timeout` if its deadline has passed.
@@ -397,7 +444,7 @@ impl Session {
         running.cancel.cancel();
         let why = format!("no answer within {} s", limits.turn_timeout.as_secs());
         Some(self.close_turn(
-            running.msg_id,
+            running.msg.id,
             Held::Error(ErrorName::Timeout, why),
             limits,
             now,
@@ -449,6 +496,7 @@ impl Session {
             return;
         };
         self.held_bytes.sub(old.text.len());
+        self.log(Change::DropFrame);
         if old.seq > self.handed_upto {
             warn!(
                 "user={} {why}: dropping undelivered frame seq={}",
@@ -473,17 +521,31 @@ impl Session {
         now: Now,
     ) -> Outgoing {
         let out = self.push(frame, msg_id.as_deref(), limits, now);
-        if let (Some(id), Some(seq)) = (msg_id, out.seq)
+        let seq = out.seq.unwrap_or_default();
+        self.answered(msg_id, seq);
+        self.log(Change::Finished { seq });
+        self.idle_since = now.mono;
+        if self.conn.is_none() {
+            self.log(Change::Idle { unix: now.unix });
+        }
+        out
+    }
+
+    /// The message with `msg_id`, if it had one, was answered by the frame with `seq`.
+    fn answered(&mut self, msg_id: Option<String>, seq: u64) {
+        if let Some(id) = msg_id
             && let Some(entry) = self.ids.iter_mut().find(|(seen, _)| *seen == id)
         {
             entry.1 = IdState::Answered(seq);
         }
-        self.idle_since = now.mono;
-        out
     }
 
     fn remember(&mut self, who: Who, text: Arc<str>, limits: &Limits) {
         self.history_bytes.add(text.len());
+        self.log(Change::Line {
+            who,
+            text: Arc::clone(&text),
+        });
         self.history.push_back(HistoryEntry { who, text });
         while self.history.len() > limits.history_turns * 2 {
             self.forget_oldest_line();
@@ -493,6 +555,7 @@ impl Session {
     fn forget_oldest_line(&mut self) {
         if let Some(old) = self.history.pop_front() {
             self.history_bytes.sub(old.text.len());
+            self.log(Change::ForgetLine);
         }
     }
 

@@ -10,6 +10,7 @@ use crate::agent::Stream;
 use crate::agent::{Job, TurnEvent, TurnKey};
 use crate::conn::ConnId;
 use crate::protocol::{ClientMessage, ErrorName, Held, UserId};
+use crate::store::Change;
 use crate::timer::{Timers, schedule};
 use log::{debug, info, warn};
 use std::collections::HashMap;
@@ -89,6 +90,9 @@ pub struct Sessions {
     history_total: Arc<AtomicUsize>,
     next_epoch: u64,
     next_turn: u64,
+    /// With a state dir: sessions keep their changes, collected here for the journal.
+    journal: bool,
+    records: Vec<(UserId, Change)>,
 }
 
 impl Sessions {
@@ -102,6 +106,40 @@ impl Sessions {
             history_total: Arc::default(),
             next_epoch: 1,
             next_turn: 1,
+            journal: false,
+            records: Vec::new(),
+        }
+    }
+
+    /// From now on every change of every session is kept for [`Sessions::take_records`].
+    pub fn journal_on(&mut self) {
+        self.journal = true;
+        for entry in self.map.values_mut() {
+            entry.session.record_changes();
+        }
+    }
+
+    /// The changes since the last call, in order, for the journal.
+    pub fn take_records(&mut self) -> Vec<(UserId, Change)> {
+        std::mem::take(&mut self.records)
+    }
+
+    /// Bytes of what the sessions hold: frames and history (what a snapshot mostly is).
+    pub fn live_bytes(&self) -> usize {
+        self.held_total.load(Ordering::Relaxed) + self.history_total.load(Ordering::Relaxed)
+    }
+
+    /// Moves `user`'s session's changes to the journal records.
+    fn collect(&mut self, user: &UserId) {
+        if let Some(entry) = self.map.get_mut(user) {
+            collect_into(&mut self.records, user, &mut entry.session);
+        }
+    }
+
+    /// Drops `user`'s session, and says so to the journal.
+    fn remove(&mut self, user: &UserId) {
+        if self.map.remove(user).is_some() && self.journal {
+            self.records.push((user.clone(), Change::Gone));
         }
     }
 
@@ -130,7 +168,7 @@ impl Sessions {
             "user={victim} session dropped to make room (session cap {}), {lost} undelivered frames",
             self.limits.max_sessions
         );
-        self.map.remove(&victim);
+        self.remove(&victim);
         true
     }
 
@@ -150,6 +188,9 @@ impl Sessions {
             Some(e) => e,
             None => {
                 let mut session = Session::new(user.clone(), now.mono);
+                if self.journal {
+                    session.record_changes();
+                }
                 session.count_held_in(Arc::clone(&self.held_total));
                 session.count_history_in(Arc::clone(&self.history_total));
                 let epoch = self.next_epoch;
@@ -164,15 +205,17 @@ impl Sessions {
         let (replaced, frames) = entry.session.attach(conn, since, &limits, now);
         out.extend(replaced.map(Effect::Replace));
         out.extend(frames.into_iter().map(|f| Effect::Send(conn, f)));
+        let epoch = entry.epoch;
+        self.collect(user);
         SessionRef {
             user: user.clone(),
-            epoch: entry.epoch,
+            epoch,
         }
     }
 
     /// Takes `conn` out of its session, which lives on, and starts its expiry clock if it
     /// has nothing left to do.
-    pub fn detach(&mut self, conn: ConnId, at: &SessionRef, now: Instant) -> Detached {
+    pub fn detach(&mut self, conn: ConnId, at: &SessionRef, now: Now) -> Detached {
         let Some(entry) = self.entry_of(at) else {
             return Detached::NotAttached;
         };
@@ -180,6 +223,7 @@ impl Sessions {
             return Detached::NotAttached;
         }
         let running = entry.session.running().is_some();
+        self.collect(&at.user);
         self.schedule_idle(&at.user);
         if running {
             Detached::TurnRunning
@@ -193,6 +237,7 @@ impl Sessions {
     pub fn handed(&mut self, at: &SessionRef, seq: u64) {
         if let Some(entry) = self.entry_of(at) {
             entry.session.mark_handed(seq);
+            self.collect(&at.user);
         }
     }
 
@@ -223,6 +268,7 @@ impl Sessions {
                 out.push(Effect::Send(conn, frame))
             }
         }
+        self.collect(&at.user);
     }
 
     /// Holds an error frame (a message that could not be read) for the session `conn` is
@@ -242,6 +288,7 @@ impl Sessions {
                 .session
                 .push(Held::Error(name, why), None, &limits, now);
             out.push(Effect::Send(conn, frame));
+            self.collect(&at.user);
         }
     }
 
@@ -265,6 +312,7 @@ impl Sessions {
                 if let (Some(frame), Some(conn)) = (frame, conn) {
                     out.push(Effect::Send(conn, frame));
                 }
+                self.collect(&key.user);
             }
             TurnEvent::Done(outcome) => {
                 if let Err(e) = &outcome {
@@ -280,6 +328,7 @@ impl Sessions {
                         key.user
                     ),
                 }
+                self.collect(&key.user);
                 self.start_next(&key.user, now, out);
                 self.schedule_idle(&key.user);
             }
@@ -336,6 +385,7 @@ impl Sessions {
             }
             entry.timer_at = None;
             self.session_due(&user, now, out);
+            self.collect(&user);
         }
     }
 
@@ -347,6 +397,7 @@ impl Sessions {
         let budget = self.limits.max_held_bytes_total;
         let shed = shed_until_within(
             &mut self.map,
+            &mut self.records,
             &self.held_total,
             budget,
             |s| (s.held_frames() > 1).then(|| s.held_bytes()),
@@ -360,6 +411,7 @@ impl Sessions {
         let budget = self.limits.max_history_bytes_total;
         let shed = shed_until_within(
             &mut self.map,
+            &mut self.records,
             &self.history_total,
             budget,
             |s| (s.history_bytes() > 0).then(|| s.history_bytes()),
@@ -470,7 +522,7 @@ impl Sessions {
             } else {
                 info!("user={user} session expired after {} s idle", ttl.as_secs());
             }
-            self.map.remove(user);
+            self.remove(user);
             return;
         }
         let next = match (entry.session.running(), entry.session.idle_since()) {
@@ -488,6 +540,7 @@ impl Sessions {
 /// nothing to give) to `shed`; returns how many times one did.
 fn shed_until_within(
     sessions: &mut HashMap<UserId, Entry>,
+    records: &mut Vec<(UserId, Change)>,
     total: &AtomicUsize,
     budget: usize,
     size: impl Fn(&Session) -> Option<usize>,
@@ -496,16 +549,31 @@ fn shed_until_within(
     let mut count = 0;
     while total.load(Ordering::Relaxed) > budget {
         let largest = sessions
-            .values_mut()
-            .filter_map(|e| size(&e.session).map(|n| (n, e)))
-            .max_by_key(|(n, _)| *n);
-        if !largest.is_some_and(|(_, e)| shed(&mut e.session)) {
+            .iter_mut()
+            .filter_map(|(u, e)| size(&e.session).map(|n| (n, u, e)))
+            .max_by_key(|(n, _, _)| *n);
+        let Some((_, user, entry)) = largest else {
+            break;
+        };
+        if !shed(&mut entry.session) {
             break;
         }
+        collect_into(records, user, &mut entry.session);
         count += 1;
     }
     count
 }
 
+/// Moves `session`'s changes to `records`.
+fn collect_into(records: &mut Vec<(UserId, Change)>, user: &UserId, session: &mut Session) {
+    records.extend(
+        session
+            .take_changes()
+            .into_iter()
+            .map(|c| (user.clone(), c)),
+    );
+}
+
+mod durable;
 #[cfg(test)]
 mod tests;

@@ -175,7 +175,7 @@ fn replies_while_away_are_delivered_on_the_next_socket() {
     ));
     let (turn, _) = s.start_next(7, &LIMITS, now(t0, 0)).unwrap();
     assert_eq!(turn.text, "hi");
-    assert!(s.detach(conn(0, 1), t0));
+    assert!(s.detach(conn(0, 1), now(t0, 0)));
     let reply = s.finish(7, Ok("HI".into()), &LIMITS, now(t0, 1)).unwrap();
     assert_eq!(reply.seq, Some(1));
     // A connection in the same slot but a later generation is a different socket.
@@ -204,7 +204,7 @@ fn a_new_connection_replaces_the_old_one() {
     let (replaced, _) = s.attach(conn(1, 2), None, &LIMITS, now(t0, 0));
     assert_eq!(replaced, Some(conn(0, 1)));
     // The replaced connection's later hang-up must not detach the new one.
-    assert!(!s.detach(conn(0, 1), t0));
+    assert!(!s.detach(conn(0, 1), now(t0, 0)));
     assert_eq!(s.conn(), Some(conn(1, 2)));
 }
 
@@ -339,7 +339,7 @@ fn idle_only_without_socket_or_work() {
     assert!(s.idle_since().is_none());
     s.accept(msg("x", None), &LIMITS, now(t0, 0));
     s.start_next(1, &LIMITS, now(t0, 0));
-    s.detach(conn(0, 1), t0 + Duration::from_secs(1));
+    s.detach(conn(0, 1), now(t0, 1));
     assert!(s.idle_since().is_none(), "a running turn keeps the session");
     s.finish(1, Ok("x".into()), &LIMITS, now(t0, 2));
     assert_eq!(s.idle_since(), Some(t0 + Duration::from_secs(2)));
