@@ -63,6 +63,8 @@ pub(super) struct Journal {
     buffered: u64,
     /// Records written to the file but not yet synced.
     unsynced: u64,
+    /// A sync is wanted even with no record written since the last (a snapshot's end).
+    sync_due: bool,
     last_sync: Instant,
     /// The directory changed (a segment made or deleted) since its last sync.
     dir_dirty: bool,
@@ -93,6 +95,7 @@ impl Journal {
             buf: Vec::with_capacity(64 * 1024),
             buffered: 0,
             unsynced: 0,
+            sync_due: false,
             last_sync: Instant::now(),
             dir_dirty: true,
             failed: false,
@@ -104,7 +107,7 @@ impl Journal {
     /// Serves the loop's messages until `Stop` or until the loop is gone.
     pub(super) fn run(mut self, rx: Receiver<Msg>) {
         loop {
-            let first = if self.unsynced > 0 {
+            let first = if self.unsynced > 0 || self.sync_due {
                 let wait = (self.last_sync + SYNC_EVERY).saturating_duration_since(Instant::now());
                 match rx.recv_timeout(wait) {
                     Ok(m) => Some(m),
@@ -130,7 +133,8 @@ impl Journal {
                 self.stop();
                 return;
             }
-            if self.unsynced > 0 && Instant::now() >= self.last_sync + SYNC_EVERY {
+            if (self.unsynced > 0 || self.sync_due) && Instant::now() >= self.last_sync + SYNC_EVERY
+            {
                 self.sync();
             }
         }
@@ -168,7 +172,7 @@ impl Journal {
                     self.in_snapshot = false;
                     self.compact = true;
                     // The snapshot's end is worth a sync of its own as soon as allowed.
-                    self.unsynced = self.unsynced.max(1);
+                    self.sync_due = true;
                 }
             }
             Msg::Stop => return true,
@@ -229,7 +233,10 @@ impl Journal {
                 self.stats.written.fetch_add(records, Ordering::Relaxed);
                 self.stats.disk_bytes.fetch_add(n, Ordering::Relaxed);
             }
-            Err(e) => self.fail(&e),
+            Err(e) => {
+                self.stats.dropped.fetch_add(records, Ordering::Relaxed);
+                self.fail(&e);
+            }
         }
     }
 
@@ -252,6 +259,7 @@ impl Journal {
         }
         self.dir_dirty = false;
         self.unsynced = 0;
+        self.sync_due = false;
         self.stats.synced.store(
             self.stats.written.load(Ordering::Relaxed),
             Ordering::Relaxed,
@@ -316,7 +324,12 @@ impl Journal {
         self.failed = true;
         self.in_snapshot = false;
         self.compact = false;
+        // Written but never synced: as good as lost.
+        self.stats
+            .dropped
+            .fetch_add(self.unsynced, Ordering::Relaxed);
         self.unsynced = 0;
+        self.sync_due = false;
         self.buf.clear();
         self.stats.need_snapshot.store(true, Ordering::Relaxed);
     }
@@ -327,7 +340,7 @@ impl Journal {
             let clean = record::encode(None, &Change::Clean, &mut self.buf).is_some();
             self.buffered += u64::from(clean);
             self.write_out();
-            self.unsynced = self.unsynced.max(1);
+            self.sync_due = true;
             self.sync();
         }
     }

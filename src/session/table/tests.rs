@@ -455,7 +455,11 @@ fn a_snapshot_resets_and_a_crash_skips_seqs() {
     r.message(b, &at, msg("hi", Some("x")), clock.at(2), &mut out);
     let (frames, jobs) = split(&mut out, b);
     assert!(jobs.is_empty(), "a resent id runs once");
-    assert_eq!(frames, [reply.clone()], "the same bytes, the same seq");
+    assert_eq!(
+        frames,
+        std::slice::from_ref(&reply),
+        "the same bytes, the same seq"
+    );
     r.message(b, &at, msg("more", None), clock.at(2), &mut out);
     let (_, jobs) = split(&mut out, b);
     r.turn_event(
