@@ -154,7 +154,10 @@ fn project_file(path: &str) -> String {
 #[test]
 fn default_file_shows_every_option_at_its_default() {
     // No key is the default, but an empty line would not show what a key looks like.
-    const EXAMPLES: &[(&str, &str)] = &[("STRAYCAT_API_KEY", "change-me")];
+    const EXAMPLES: &[(&str, &str)] = &[
+        ("STRAYCAT_API_KEY", "change-me"),
+        ("STRAYCAT_STATE_DIR", "/var/lib/straycat"),
+    ];
     let text = project_file("cross/straycat.default");
     let mut found: Vec<(&str, &str)> = Vec::new();
     for line in text.lines() {
