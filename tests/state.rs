@@ -556,3 +556,44 @@ fn a_full_disk_degrades_and_recovers() {
     assert_chat(&v, "hal", "cut by the crash", Some("k1"));
     assert!(seq(&v) > seen, "{v} after seq {seen}");
 }
+
+/// Bytes of the segment files in `dir`.
+fn segments_bytes(dir: &Path) -> u64 {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .map(|p| fs::metadata(p).unwrap().len())
+        .sum()
+}
+
+/// Compaction keeps the state dir bounded by the live data: with little kept per session,
+/// megabytes of turns leave a dir of about one snapshot, and what it kept still replays.
+#[test]
+fn compaction_keeps_the_dir_bounded() {
+    let dir = fresh_dir("compact");
+    let server = start(&dir, &["--max-held-frames", "4", "--history-turns", "2"]);
+    let mut c = server.connect("kim", "");
+    let text = "many words ".repeat(400);
+    let mut last = Vec::new();
+    for i in 0..600 {
+        let id = format!("k{i}");
+        c.say(&text, Some(&id));
+        last = held(&until_reply(&mut c, &id));
+    }
+    let h = wait_synced(&server);
+    assert!(server.has_log("state: compacting"), "never compacted");
+    let written = h["state"]["bytes_written"].as_u64().unwrap();
+    let on_disk = segments_bytes(&dir);
+    assert!(written > 8 << 20, "{h}");
+    // Twice the live data (a few frames and lines of 4 KiB) plus the 4 MiB slack.
+    assert!(
+        on_disk < 5 << 20,
+        "{on_disk} bytes on disk after writing {written}"
+    );
+    assert_eq!(h["state"]["disk_bytes"], on_disk, "{h}");
+    kill9(server);
+    let server = start(&dir, &[]);
+    let mut c = server.connect("kim", &format!("?since={}", seq(&last[0]) - 1));
+    assert_eq!(vec![c.recv_json()], last);
+}

@@ -173,6 +173,9 @@ impl Journal {
                     self.compact = true;
                     // The snapshot's end is worth a sync of its own as soon as allowed.
                     self.sync_due = true;
+                } else {
+                    // A snapshot that failed is over too; the loop tries another.
+                    self.stats.snapshots_done.fetch_add(1, Ordering::Relaxed);
                 }
             }
             Msg::Stop => return true,
@@ -295,6 +298,7 @@ impl Journal {
         if let Err(e) = sync_dir(&self.dir) {
             debug!("state: directory sync after compaction: {e}");
         }
+        self.stats.snapshots_done.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A write or sync failed: one error in the log, `degraded` for `/health`, and
@@ -323,7 +327,9 @@ impl Journal {
         self.file = None;
         self.failed = true;
         self.in_snapshot = false;
-        self.compact = false;
+        if std::mem::take(&mut self.compact) {
+            self.stats.snapshots_done.fetch_add(1, Ordering::Relaxed);
+        }
         // Written but never synced: as good as lost.
         self.stats
             .dropped

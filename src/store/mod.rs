@@ -71,6 +71,8 @@ pub struct Stats {
     disk_bytes: AtomicU64,
     /// Bytes the last snapshot's segment held when it became durable.
     snapshot_bytes: AtomicU64,
+    /// Snapshots durable, with the segments before them deleted.
+    snapshots_done: AtomicU64,
     queued_bytes: AtomicUsize,
     /// A write failed; cleared once a snapshot is durable again.
     degraded: AtomicBool,
@@ -96,6 +98,9 @@ pub struct Store {
     lost: bool,
     retry_at: Option<Instant>,
     retry_after: Duration,
+    /// Snapshots whose end was sent: one more than `snapshots_done` while the journal
+    /// still writes or syncs one (the segments before it are not deleted yet).
+    snapshots_ended: u64,
     /// Keeps the lock on the state dir for the process's life.
     _lock: File,
 }
@@ -217,6 +222,7 @@ impl Store {
                 lost: false,
                 retry_at: None,
                 retry_after: RETRY_FIRST,
+                snapshots_ended: 0,
                 _lock: lock,
             },
             gap: if clean { 0 } else { SEQ_GAP_AFTER_CRASH },
@@ -259,6 +265,7 @@ impl Store {
             if self.lost {
                 // The queue overflowed: this snapshot has a hole; a later one starts over.
             } else if end == cursor.users.len() {
+                self.snapshots_ended += 1;
                 let _ = self.tx.send(Msg::End);
             } else {
                 self.snapshot = Some(cursor);
@@ -278,6 +285,10 @@ impl Store {
             return;
         }
         self.retry_after = RETRY_FIRST;
+        if self.compacting() {
+            // The last snapshot is not durable yet: its older segments still count.
+            return;
+        }
         let disk = self.stats.disk_bytes.load(Ordering::Relaxed);
         let live = self
             .stats
@@ -312,6 +323,12 @@ impl Store {
         self.snapshot.is_some()
     }
 
+    /// A snapshot is being sent, written or synced.
+    fn compacting(&self) -> bool {
+        self.snapshot.is_some()
+            || self.stats.snapshots_done.load(Ordering::Relaxed) < self.snapshots_ended
+    }
+
     /// When the loop must wake to retry after a failure.
     pub fn wake_at(&self) -> Option<Instant> {
         self.retry_at
@@ -338,7 +355,7 @@ impl Store {
             "syncs": get(&s.syncs),
             "write_errors": get(&s.errors),
             "disk_bytes": get(&s.disk_bytes),
-            "compacting": self.snapshot.is_some(),
+            "compacting": self.compacting() && !self.degraded(),
         })
     }
 
