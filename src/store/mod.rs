@@ -41,6 +41,14 @@ pub const COMPACT_SLACK: u64 = 4 << 20;
 /// Sessions a snapshot writes per loop iteration.
 const SNAPSHOT_BATCH: usize = 64;
 
+/// A snapshot waits while this many bytes are queued for the journal: it is made far
+/// faster than a disk writes it, and must not crowd out the changes of the live sessions
+/// (nor overflow [`MAX_QUEUED_BYTES`]).
+const SNAPSHOT_QUEUE_BYTES: usize = 4 << 20;
+
+/// How often the loop looks again while a snapshot waits for the journal.
+const SNAPSHOT_PACE: Duration = Duration::from_millis(5);
+
 /// Bytes of changes in flight to the journal before the loop drops them (and the next
 /// snapshot writes everything again): a disk that stalls must not grow the memory.
 const MAX_QUEUED_BYTES: usize = 32 << 20;
@@ -101,6 +109,8 @@ pub struct Store {
     /// Snapshots whose end was sent: one more than `snapshots_done` while the journal
     /// still writes or syncs one (the segments before it are not deleted yet).
     snapshots_ended: u64,
+    /// A snapshot waits for the journal to catch up until then.
+    paced_until: Option<Instant>,
     /// Keeps the lock on the state dir for the process's life.
     _lock: File,
 }
@@ -223,6 +233,7 @@ impl Store {
                 retry_at: None,
                 retry_after: RETRY_FIRST,
                 snapshots_ended: 0,
+                paced_until: None,
                 _lock: lock,
             },
             gap: if clean { 0 } else { SEQ_GAP_AFTER_CRASH },
@@ -252,6 +263,13 @@ impl Store {
         if !records.is_empty() {
             self.send(records);
         }
+        if self.snapshot.is_some()
+            && self.stats.queued_bytes.load(Ordering::Relaxed) > SNAPSHOT_QUEUE_BYTES
+        {
+            self.paced_until = Some(now.mono + SNAPSHOT_PACE);
+            return;
+        }
+        self.paced_until = None;
         if let Some(mut cursor) = self.snapshot.take() {
             let end = (cursor.next + SNAPSHOT_BATCH).min(cursor.users.len());
             let mut batch = Vec::new();
@@ -318,9 +336,10 @@ impl Store {
         let _ = self.tx.send(Msg::Records(records, bytes));
     }
 
-    /// A snapshot is being written: the loop should come back at once rather than sleep.
+    /// A snapshot has more to write now: the loop should come back at once rather than
+    /// sleep.
     pub fn busy(&self) -> bool {
-        self.snapshot.is_some()
+        self.snapshot.is_some() && self.paced_until.is_none()
     }
 
     /// A snapshot is being sent, written or synced.
@@ -329,9 +348,10 @@ impl Store {
             || self.stats.snapshots_done.load(Ordering::Relaxed) < self.snapshots_ended
     }
 
-    /// When the loop must wake to retry after a failure.
+    /// When the loop must wake: to retry after a failure, or to go on with a snapshot
+    /// that waits for the journal.
     pub fn wake_at(&self) -> Option<Instant> {
-        self.retry_at
+        self.paced_until.or(self.retry_at)
     }
 
     /// Writes are failing: the server serves from memory.
