@@ -101,7 +101,7 @@ pub enum Route {
     Echo,
     /// `GET /health`.
     Health,
-    /// `GET /`: the chat page (served unless `--page 0`).
+    /// `GET /`: the chat page (served unless `--page=0`).
     Page,
     /// Refused with this status and reason (the reason becomes the body and the log line).
     Refuse(u16, String),

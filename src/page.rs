@@ -13,10 +13,10 @@ use std::sync::OnceLock;
 const PAGE: &str = include_str!("page/index.html");
 
 /// `sha256-…` of the text of the page's `<script>` element.
-const SCRIPT_SHA256: &str = "f+8OC1LBYYNrYmlaZpwQMPf6Rq1RWH0z5/1JvoZsUXE=";
+const SCRIPT_SHA256: &str = "HO0DEypNcl3OjeM52YtikuerSIKF8EBd/0U5viq743s=";
 
 /// `sha256-…` of the text of the page's `<style>` element.
-const STYLE_SHA256: &str = "ZMvZymQiS3EivHjk1ecPq/hC1ac6W5fMCfvyraXuwDo=";
+const STYLE_SHA256: &str = "CBiCYOnEouggybffBxNi4SmEtvl5WzCiHE70Dg/ELYY=";
 
 /// The policy. `connect-src 'self'` covers the page's own `ws:` (and `wss:` behind a TLS
 /// proxy) in CSP Level 3 browsers. Trusted Types make every HTML-parsing sink (`innerHTML`

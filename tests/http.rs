@@ -36,11 +36,20 @@ fn unknown_path_404_other_method_405_garbage_400() {
     let server = Server::start(&[]);
     let addr = server.addr();
 
-    for path in ["/nope", "/", "/health/x", "/wsx"] {
+    for path in ["/nope", "/health/x", "/wsx", "/index.htm"] {
         let resp = http_get(addr, path);
         assert_eq!(resp.status, 404, "GET {path}: {resp:?}");
         resp.assert_connection_close();
     }
+    // `/` is the chat page, unless --page 0.
+    let page = http_get(addr, "/");
+    assert_eq!(page.status, 200, "{page:?}");
+    assert_eq!(
+        page.header("content-type").as_deref(),
+        Some("text/html; charset=utf-8")
+    );
+    let off = Server::start(&["--page=0"]);
+    assert_eq!(http_get(off.addr(), "/").status, 404);
     for req in [
         "POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
         "DELETE /ws/alice HTTP/1.1\r\nHost: x\r\n\r\n",

@@ -171,7 +171,7 @@ impl Server {
                         self.answer(id, page::response(), None);
                     }
                     Route::Page => {
-                        self.answer(id, http::refusal(404, "no page here (--page 0)"), None);
+                        self.answer(id, http::refusal(404, "no page here (--page=0)"), None);
                     }
                     Route::Refuse(status, why) => {
                         info!(

@@ -2,7 +2,8 @@
 
 It records the request line and headers of every connection (the page, each WebSocket
 upgrade, fetches), can drop every open connection at once while it keeps accepting new ones,
-and can refuse (accept, then close at once) for as long as a test wants. Threads, not
+and can refuse WebSocket upgrades (close the connection on reading one) for as long as a test
+wants, while plain HTTP still passes, so that the page itself can be reloaded meanwhile. Threads, not
 asyncio: a handful of connections, and a test drives it from the outside.
 """
 
@@ -61,7 +62,8 @@ class Proxy:
             _close(s)
 
     def refuse(self, on=True):
-        """While on, every new connection is closed as soon as it is accepted."""
+        """While on, every WebSocket upgrade is closed unanswered (and counted in `refused`,
+        not in `requests`)."""
         with self.lock:
             self._refusing = on
 
@@ -87,13 +89,6 @@ class Proxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            with self.lock:
-                refusing = self._refusing
-                if refusing:
-                    self.refused += 1
-            if refusing:
-                _close(client)
-                continue
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client):
@@ -102,8 +97,15 @@ class Proxy:
         head = _read_head(client)
         if head is None:
             return self._forget(client)
+        request = Request(time.monotonic(), head[: head.index(b"\r\n\r\n")])
         with self.lock:
-            self.requests.append(Request(time.monotonic(), head[: head.index(b"\r\n\r\n")]))
+            refused = self._refusing and request.headers.get("upgrade", "").lower() == "websocket"
+            if refused:
+                self.refused += 1
+            else:
+                self.requests.append(request)
+        if refused:
+            return self._forget(client)
         try:
             upstream = socket.create_connection(self.target, timeout=HEAD_TIMEOUT_S)
             upstream.settimeout(None)

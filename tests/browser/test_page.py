@@ -55,6 +55,11 @@ def test_page_loads_cleanly_with_strict_headers(start_server, open_browser):
     wait_state(browser, "open")
     exchange(browser, "hello there")
     assert browser.find_element(By.TAG_NAME, "html").get_attribute("lang") == "en"
+    # Trusted Types are enforced: no HTML can be parsed from a string in this page at all.
+    assert browser.execute_script(
+        "try { document.createElement('div').innerHTML = '<b>x</b>'; return 'parsed' }"
+        " catch (e) { return e.name }"
+    ) == "TypeError"
     assert severe_console_entries(browser) == []
     urls = requested_urls(browser)
     assert any(u.startswith("ws://") for u in urls), urls
@@ -109,11 +114,14 @@ def test_cut_mid_answer_the_reply_appears_once(start_server, start_proxy, open_b
 
 
 def test_server_restart_recovers_by_itself(start_server, open_browser):
-    server = start_server()
+    server = start_server("--echo-delay-ms", 150)
     browser = open_browser()
     browser.get(server.origin + "/?user=restart")
     wait_state(browser, "open")
     exchange(browser, "before the restart")
+    # Stopped mid-answer: the turn dies with the server, the page asks the new one again.
+    send(browser, LONG)
+    wait(browser, lambda: streaming(browser), 10, "streaming")
     server.stop()
     wait_state(browser, ("reconnecting", "cannot"), 5)
     mark = len(server.lines)
@@ -122,10 +130,13 @@ def test_server_restart_recovers_by_itself(start_server, open_browser):
     # A server without state forgets the session: the page resumes above the seq it had,
     # and the ResumeGap that says so is not shown to the visitor (the console has it).
     server.wait_log(lambda l: "user=restart" in l and "(since=1)" in l, 5, since=mark)
+    wait_reply(browser, LONG)
     exchange(browser, "after the restart")
     assert transcript(browser) == [
         ("user", "before the restart"),
         ("ai", "before the restart"),
+        ("user", LONG),
+        ("ai", LONG),
         ("user", "after the restart"),
         ("ai", "after the restart"),
     ]
@@ -213,7 +224,8 @@ def test_reply_is_text_never_html(start_server, open_browser):
     assert browser.find_elements(By.CSS_SELECTOR, "#entries .msg.ai .bubble")[-1].text == attack
 
     markdown = "**bold** and *it* and `x<b>` [site](https://example.com/a) [bad](javascript:alert(1))"
-    exchange(browser, markdown + "\n- one\n- two\n\n```\n<i>raw</i>\n```")
+    send(browser, markdown + "\n- one\n- two\n\n```\n<i>raw</i>\n```")
+    wait(browser, lambda: len(replies(browser)) == 2, 10, "the second reply")
     bubble = browser.find_elements(By.CSS_SELECTOR, "#entries .msg.ai .bubble")[-1]
     assert bubble.find_element(By.TAG_NAME, "strong").text == "bold"
     assert bubble.find_element(By.TAG_NAME, "em").text == "it"
