@@ -305,18 +305,17 @@ fn damaged_state_files_are_survived() {
 /// stderr and exit code 2.
 #[test]
 fn a_state_dir_that_cannot_be_used_stops_the_start_with_code_2() {
+    let run_to_exit = |dir: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_straycat"))
+            .args(["--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
     let file = fresh_dir("notadir");
     fs::write(&file, b"a file, not a dir").unwrap();
     for dir in [file.join("sub"), PathBuf::from("/proc/straycat-state")] {
-        let out = Command::new(env!("CARGO_BIN_EXE_straycat"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--state-dir",
-                dir.to_str().unwrap(),
-            ])
-            .output()
-            .unwrap();
+        let out = run_to_exit(&dir);
         assert_eq!(out.status.code(), Some(2), "{dir:?}: {out:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("state dir")).collect();
@@ -324,15 +323,7 @@ fn a_state_dir_that_cannot_be_used_stops_the_start_with_code_2() {
     }
     let dir = fresh_dir("locked");
     let first = start(&dir, &[]);
-    let out = Command::new(env!("CARGO_BIN_EXE_straycat"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--state-dir",
-            dir.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let out = run_to_exit(&dir);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another straycat"));
     drop(first);
