@@ -8,6 +8,7 @@
 //! nothing the new one does not, and are deleted. After a write error the journal drops
 //! records (they would leave a hole) until the next snapshot writes everything again.
 
+use super::queue::Queue;
 use super::record::{self, Change};
 use super::{SYNC_EVERY, Stats};
 use crate::protocol::UserId;
@@ -17,7 +18,6 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Instant;
 
 /// What the loop sends the journal, in order.
@@ -105,26 +105,18 @@ impl Journal {
     }
 
     /// Serves the loop's messages until `Stop` or until the loop is gone.
-    pub(super) fn run(mut self, rx: Receiver<Msg>) {
+    pub(super) fn run(mut self, queue: &Queue) {
         loop {
-            let first = if self.unsynced > 0 || self.sync_due {
-                let wait = (self.last_sync + SYNC_EVERY).saturating_duration_since(Instant::now());
-                match rx.recv_timeout(wait) {
-                    Ok(m) => Some(m),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => Some(Msg::Stop),
-                }
-            } else {
-                Some(rx.recv().unwrap_or(Msg::Stop))
-            };
+            let due = (self.unsynced > 0 || self.sync_due).then_some(self.last_sync + SYNC_EVERY);
+            let first = queue.pop(due);
             let mut stop = false;
             if let Some(msg) = first {
                 stop = self.take(msg);
                 // Whatever else is waiting goes into the same write.
                 while !stop && self.buf.len() < 1 << 20 {
-                    match rx.try_recv() {
-                        Ok(msg) => stop = self.take(msg),
-                        Err(_) => break,
+                    match queue.try_pop() {
+                        Some(msg) => stop = self.take(msg),
+                        None => break,
                     }
                 }
             }

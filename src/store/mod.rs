@@ -9,6 +9,7 @@
 //! hold more than twice what the last snapshot took, plus [`COMPACT_SLACK`].
 
 mod journal;
+mod queue;
 mod record;
 
 pub use record::Change;
@@ -17,12 +18,12 @@ use crate::protocol::UserId;
 use crate::session::{Effect, Now, Sessions};
 use journal::{Journal, Msg, segment_number, segment_path};
 use log::{error, info, warn};
+use queue::Queue;
 use record::{Decoded, decode};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Sender};
 use std::time::{Duration, Instant};
 
 /// Longest a change waits for `fdatasync` (group commit): at most 10 syncs a second, and
@@ -97,10 +98,8 @@ struct Cursor {
 /// The loop's end of the state dir.
 pub struct Store {
     dir: PathBuf,
-    tx: Sender<Msg>,
+    queue: Arc<Queue>,
     stats: Arc<Stats>,
-    /// The journal thread says it stopped.
-    done: mpsc::Receiver<()>,
     snapshot: Option<Cursor>,
     /// Records were dropped on the loop's side: send none until the next snapshot.
     lost: bool,
@@ -200,15 +199,15 @@ impl Store {
         let disk: u64 = older.iter().map(|(_, len)| len).sum();
         stats.disk_bytes.store(disk, Ordering::Relaxed);
         let had_state = !older.is_empty();
-        let (tx, rx) = mpsc::channel();
-        let (done_tx, done) = mpsc::channel();
+        let queue = Arc::new(Queue::default());
+        let theirs = Arc::clone(&queue);
         let journal = Journal::new(dir.to_path_buf(), Arc::clone(&stats), file, seg, older);
         std::thread::Builder::new()
             .name("straycat-journal".into())
             .stack_size(256 * 1024)
             .spawn(move || {
-                journal.run(rx);
-                let _ = done_tx.send(());
+                journal.run(&theirs);
+                theirs.stopped();
             })
             .map_err(|e| format!("cannot start the journal thread: {e}"))?;
         if had_state {
@@ -225,9 +224,8 @@ impl Store {
         Ok(Opened {
             store: Store {
                 dir: dir.to_path_buf(),
-                tx,
+                queue,
                 stats,
-                done,
                 snapshot: None,
                 lost: false,
                 retry_at: None,
@@ -248,7 +246,7 @@ impl Store {
         }
         self.stats.need_snapshot.store(false, Ordering::Relaxed);
         self.lost = false;
-        let _ = self.tx.send(Msg::Begin);
+        self.queue.push(Msg::Begin);
         self.snapshot = Some(Cursor {
             users: sessions.users(),
             next: 0,
@@ -284,7 +282,7 @@ impl Store {
                 // The queue overflowed: this snapshot has a hole; a later one starts over.
             } else if end == cursor.users.len() {
                 self.snapshots_ended += 1;
-                let _ = self.tx.send(Msg::End);
+                self.queue.push(Msg::End);
             } else {
                 self.snapshot = Some(cursor);
             }
@@ -326,14 +324,14 @@ impl Store {
         let bytes: usize = records.iter().map(|(_, c)| weight(c)).sum();
         if self.stats.queued_bytes.load(Ordering::Relaxed) + bytes > MAX_QUEUED_BYTES {
             self.lost = true;
-            let _ = self.tx.send(Msg::Lost);
+            self.queue.push(Msg::Lost);
             return;
         }
         self.stats.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
         self.stats
             .queued
             .fetch_add(records.len() as u64, Ordering::Relaxed);
-        let _ = self.tx.send(Msg::Records(records, bytes));
+        self.queue.push(Msg::Records(records, bytes));
     }
 
     /// A snapshot has more to write now: the loop should come back at once rather than
@@ -386,10 +384,10 @@ impl Store {
         if !records.is_empty() {
             self.send(records);
         }
-        let _ = self.tx.send(Msg::Stop);
-        match self.done.recv_timeout(STOP_WAIT) {
-            Ok(()) => info!("state: written and synced"),
-            Err(_) => error!(
+        self.queue.push(Msg::Stop);
+        match self.queue.wait_stopped(STOP_WAIT) {
+            true => info!("state: written and synced"),
+            false => error!(
                 "state: the journal did not finish within {} s; the last changes may be lost",
                 STOP_WAIT.as_secs()
             ),

@@ -54,7 +54,7 @@ impl Sessions {
                 .map(|(u, e)| (e.session.idle_since(), u.clone()))
                 .collect();
             // Idle sessions first, the longest idle first; sessions with work last.
-            by_idle.sort_by_key(|(idle, _)| (idle.is_none(), *idle));
+            by_idle.sort_unstable_by_key(|(idle, _)| (idle.is_none(), *idle));
             for (_, user) in by_idle.into_iter().take(over) {
                 self.map.remove(&user);
             }
