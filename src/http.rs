@@ -30,6 +30,14 @@ pub struct Request {
     pub ws_key: Option<String>,
     /// `Sec-WebSocket-Version`.
     pub ws_version: Option<String>,
+    /// `Content-Length`, if present and a number.
+    pub content_length: Option<usize>,
+    /// `Transfer-Encoding` was present (not supported: a body needs a length).
+    pub transfer_encoding: bool,
+    /// Cheshire Cat's `user_id` header (its HTTP API's user).
+    pub user_id: Option<String>,
+    /// The credential of `Authorization: Bearer …` or Cheshire Cat's `access_token` header.
+    pub credential: Option<String>,
 }
 
 /// Result of looking at the bytes received so far.
@@ -74,6 +82,22 @@ pub fn parse_head(buf: &[u8]) -> Head {
                     out.ws_key = Some(value.to_string());
                 } else if h.name.eq_ignore_ascii_case("sec-websocket-version") {
                     out.ws_version = Some(value.to_string());
+                } else if h.name.eq_ignore_ascii_case("content-length") {
+                    match value.parse() {
+                        Ok(n) => out.content_length = Some(n),
+                        Err(_) => return Head::Invalid("malformed Content-Length"),
+                    }
+                } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                    out.transfer_encoding = true;
+                } else if h.name.eq_ignore_ascii_case("user_id") {
+                    out.user_id = Some(value.to_string());
+                } else if h.name.eq_ignore_ascii_case("authorization") {
+                    let bearer = value
+                        .split_once(' ')
+                        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"));
+                    out.credential = bearer.map(|(_, token)| token.trim().to_string());
+                } else if h.name.eq_ignore_ascii_case("access_token") {
+                    out.credential = Some(value.to_string());
                 }
             }
             Head::Complete(out, len)
@@ -103,12 +127,34 @@ pub enum Route {
     Health,
     /// `GET /`: the chat page (served unless `--page=0`).
     Page,
+    /// The chat part of Cheshire Cat's HTTP API, for this user.
+    Api(Api, UserId),
     /// Refused with this status and reason (the reason becomes the body and the log line).
     Refuse(u16, String),
 }
 
+/// The chat part of Cheshire Cat's HTTP API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    /// `GET /memory/conversation_history`: the session's history.
+    History,
+    /// `DELETE /memory/conversation_history`: forget it.
+    ForgetHistory,
+    /// `POST /message`: one turn, answered with its final `chat`.
+    Message,
+}
+
 /// Decides what `req` gets. `api_key` is `--api-key`; `raw_echo` whether `/echo` is served.
 pub fn route(req: &Request, api_key: Option<&str>, raw_echo: bool) -> Route {
+    let api = match (req.method.as_str(), req.path.as_str()) {
+        ("GET", "/memory/conversation_history") => Some(Api::History),
+        ("DELETE", "/memory/conversation_history") => Some(Api::ForgetHistory),
+        ("POST", "/message") => Some(Api::Message),
+        _ => None,
+    };
+    if let Some(api) = api {
+        return route_api(req, api, api_key);
+    }
     if req.method != "GET" {
         return Route::Refuse(405, format!("method {} not allowed", req.method));
     }
@@ -180,6 +226,46 @@ pub fn route(req: &Request, api_key: Option<&str>, raw_echo: bool) -> Route {
     Route::Chat(ChatTarget { user, since })
 }
 
+/// The user and the credential of a Cheshire Cat HTTP API call: the user from the
+/// `user_id` header (`user` without one), the key from `?token=`, `access_token` or
+/// `Authorization: Bearer`, as the Cat's clients send them.
+fn route_api(req: &Request, api: Api, api_key: Option<&str>) -> Route {
+    let user = match req.user_id.as_deref() {
+        None => UserId::default_user(),
+        Some(raw) => match UserId::parse(raw) {
+            Some(u) => u,
+            None => {
+                return Route::Refuse(
+                    400,
+                    "invalid user_id: 1-64 characters of A-Z a-z 0-9 _ . @ -".into(),
+                );
+            }
+        },
+    };
+    let token = req
+        .query
+        .split('&')
+        .find_map(|p| p.strip_prefix("token="))
+        .and_then(percent_decode)
+        .or_else(|| req.credential.clone());
+    if let Some(key) = api_key
+        && !token
+            .as_deref()
+            .is_some_and(|t| constant_time_eq(t.as_bytes(), key.as_bytes()))
+    {
+        return Route::Refuse(403, "missing or wrong token".into());
+    }
+    if api == Api::Message {
+        if req.transfer_encoding {
+            return Route::Refuse(411, "send the message with a Content-Length".into());
+        }
+        if req.content_length.unwrap_or(0) == 0 {
+            return Route::Refuse(400, "expected a JSON message as the body".into());
+        }
+    }
+    Route::Api(api, user)
+}
+
 /// RFC 6455 §4.1: the key is 16 random bytes in base64, so 24 characters ending in `==`.
 fn valid_key(key: &str) -> bool {
     key.len() == 24
@@ -231,12 +317,18 @@ pub fn response(status: u16, content_type: &str, body: &str) -> Vec<u8> {
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        429 => "Too Many Requests",
+        502 => "Bad Gateway",
+        504 => "Gateway Timeout",
         426 => "Upgrade Required",
         503 => "Service Unavailable",
         _ => "Error",
     };
     let extra = match status {
         405 => "Allow: GET\r\n",
+        503 => "Retry-After: 5\r\n",
         426 => "Sec-WebSocket-Version: 13\r\n",
         _ => "",
     };

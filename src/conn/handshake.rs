@@ -9,20 +9,38 @@ use std::io::{Read, Write};
 pub enum HeadRead {
     /// More is needed.
     Partial,
-    /// A full head, and whatever followed it.
+    /// A full head (and its body, if it announced one), and whatever followed the head.
     Complete(http::Request, Vec<u8>),
     /// Not a request we can read.
     Invalid(&'static str),
+    /// A body over the bound.
+    TooLarge,
     /// The client went away.
     Gone,
 }
 
-/// Reads into `buf` until the head is complete, invalid or the socket would block. Reads
-/// at most 1 KiB at a time and never past `MAX_HEAD_BYTES` (+1, to tell "too large").
-pub(super) fn read_head(stream: &mut impl Read, buf: &mut Vec<u8>) -> HeadRead {
+/// Reads into `buf` until the head (and the body its `Content-Length` announces, at most
+/// `max_body` bytes) is complete, invalid or the socket would block. Never reads past
+/// `MAX_HEAD_BYTES` (+1, to tell "too large") before the head is complete, nor past the
+/// body after it.
+pub(super) fn read_head(stream: &mut impl Read, buf: &mut Vec<u8>, max_body: usize) -> HeadRead {
     loop {
+        let limit = match http::parse_head(buf) {
+            Head::Complete(req, len) => {
+                let body = req.content_length.unwrap_or(0);
+                if body > max_body {
+                    return HeadRead::TooLarge;
+                }
+                if buf.len() >= len + body {
+                    return HeadRead::Complete(req, buf.split_off(len));
+                }
+                len + body
+            }
+            Head::Invalid(why) => return HeadRead::Invalid(why),
+            Head::Partial => MAX_HEAD_BYTES + 1,
+        };
         let start = buf.len();
-        let room = (MAX_HEAD_BYTES + 1).saturating_sub(start).min(1024);
+        let room = limit.saturating_sub(start).min(16 * 1024);
         if room == 0 {
             return HeadRead::Invalid("request head too large");
         }
@@ -31,11 +49,7 @@ pub(super) fn read_head(stream: &mut impl Read, buf: &mut Vec<u8>) -> HeadRead {
         buf.truncate(start + *got.as_ref().unwrap_or(&0));
         match got {
             Ok(0) => return HeadRead::Gone,
-            Ok(_) => match http::parse_head(buf) {
-                Head::Partial => continue,
-                Head::Invalid(why) => return HeadRead::Invalid(why),
-                Head::Complete(req, len) => return HeadRead::Complete(req, buf.split_off(len)),
-            },
+            Ok(_) => continue,
             Err(e) if is_would_block(&e) => return HeadRead::Partial,
             Err(e) if is_interrupted(&e) => continue,
             Err(_) => return HeadRead::Gone,
@@ -92,15 +106,39 @@ mod tests {
         let mut s = MockStream::default();
         let mut buf = Vec::new();
         s.input.extend(b"GET /ws HTTP/1.1\r\nHost: x\r\n");
-        assert!(matches!(read_head(&mut s, &mut buf), HeadRead::Partial));
+        assert!(matches!(read_head(&mut s, &mut buf, 0), HeadRead::Partial));
         s.input.extend(b"\r\n\x81\x80");
-        match read_head(&mut s, &mut buf) {
+        match read_head(&mut s, &mut buf, 0) {
             HeadRead::Complete(req, rest) => {
                 assert_eq!(req.path, "/ws");
                 assert_eq!(rest, b"\x81\x80", "the first frame's bytes are kept");
             }
             _ => panic!("expected a complete head"),
         }
+    }
+
+    #[test]
+    fn a_body_is_read_to_its_length_and_no_further_than_the_bound() {
+        let mut s = MockStream::default();
+        let mut buf = Vec::new();
+        s.input
+            .extend(b"POST /message HTTP/1.1\r\nContent-Length: 10\r\n\r\n{\"text\"");
+        assert!(matches!(read_head(&mut s, &mut buf, 64), HeadRead::Partial));
+        s.input.extend(b":1}");
+        match read_head(&mut s, &mut buf, 64) {
+            HeadRead::Complete(req, body) => {
+                assert_eq!(req.content_length, Some(10));
+                assert_eq!(body, b"{\"text\":1}");
+            }
+            _ => panic!("expected a complete request"),
+        }
+        let mut s = MockStream::default();
+        s.input
+            .extend(b"POST /message HTTP/1.1\r\nContent-Length: 65\r\n\r\n");
+        assert!(matches!(
+            read_head(&mut s, &mut Vec::new(), 64),
+            HeadRead::TooLarge
+        ));
     }
 
     #[test]
@@ -111,7 +149,7 @@ mod tests {
         s.input
             .extend(std::iter::repeat_n(b'a', MAX_HEAD_BYTES + 10));
         assert!(matches!(
-            read_head(&mut s, &mut buf),
+            read_head(&mut s, &mut buf, 0),
             HeadRead::Invalid("request head too large")
         ));
         assert!(
@@ -122,7 +160,10 @@ mod tests {
             eof: true,
             ..MockStream::default()
         };
-        assert!(matches!(read_head(&mut s, &mut Vec::new()), HeadRead::Gone));
+        assert!(matches!(
+            read_head(&mut s, &mut Vec::new(), 0),
+            HeadRead::Gone
+        ));
     }
 
     #[test]

@@ -79,6 +79,8 @@ pub enum Stage {
     Respond,
     /// Answered and refused: reading what the client still sends until it closes.
     Linger,
+    /// An HTTP API call waits for its answer (a turn).
+    Await,
     /// An open WebSocket.
     Open,
     /// In the close handshake.
@@ -91,6 +93,7 @@ impl fmt::Display for Stage {
             Stage::Handshake => "handshake",
             Stage::Respond => "respond",
             Stage::Linger => "linger",
+            Stage::Await => "await",
             Stage::Open => "open",
             Stage::Closing => "closing",
         })
@@ -118,6 +121,11 @@ enum Phase {
     /// closes, so that unread data does not turn our close into a reset that destroys the
     /// answer in flight.
     Linger {
+        stream: TcpStream,
+        discarded: usize,
+    },
+    /// A request read, its answer not ready yet (a turn of `POST /message` runs).
+    Await {
         stream: TcpStream,
         discarded: usize,
     },
@@ -217,6 +225,7 @@ impl Conn {
             Phase::Handshake { .. } => Stage::Handshake,
             Phase::Respond { .. } => Stage::Respond,
             Phase::Linger { .. } => Stage::Linger,
+            Phase::Await { .. } => Stage::Await,
             Phase::Open { .. } => Stage::Open,
             Phase::Closing { .. } => Stage::Closing,
             Phase::Gone => return None,
@@ -285,7 +294,8 @@ impl Conn {
         match &mut self.phase {
             Phase::Handshake { stream, .. }
             | Phase::Respond { stream, .. }
-            | Phase::Linger { stream, .. } => Some(stream),
+            | Phase::Linger { stream, .. }
+            | Phase::Await { stream, .. } => Some(stream),
             Phase::Open { ws, .. } | Phase::Closing { ws, .. } => Some(ws.stream_mut()),
             Phase::Gone => None,
         }
@@ -309,9 +319,9 @@ impl Conn {
     }
 
     /// Reads the request head until it is complete, invalid or the socket would block.
-    pub fn read_head(&mut self) -> HeadRead {
+    pub fn read_head(&mut self, max_body: usize) -> HeadRead {
         match &mut self.phase {
-            Phase::Handshake { stream, buf } => handshake::read_head(stream, buf),
+            Phase::Handshake { stream, buf } => handshake::read_head(stream, buf, max_body),
             _ => HeadRead::Partial,
         }
     }
@@ -325,7 +335,7 @@ impl Conn {
     ) {
         let phase = std::mem::replace(&mut self.phase, Phase::Gone);
         self.phase = match phase {
-            Phase::Handshake { stream, .. } => Phase::Respond {
+            Phase::Handshake { stream, .. } | Phase::Await { stream, .. } => Phase::Respond {
                 stream,
                 out: answer,
                 pos: 0,
@@ -334,6 +344,30 @@ impl Conn {
             other => other,
         };
         self.deadline = deadline;
+    }
+
+    /// The request is read; its answer comes later (a turn), at the latest by `deadline`.
+    pub fn await_answer(&mut self, deadline: Instant) {
+        let phase = std::mem::replace(&mut self.phase, Phase::Gone);
+        self.phase = match phase {
+            Phase::Handshake { stream, .. } => Phase::Await {
+                stream,
+                discarded: 0,
+            },
+            other => other,
+        };
+        self.deadline = deadline;
+    }
+
+    /// While awaiting: reads and drops what the client sends; `true` once it closed (or
+    /// sent more than a request's worth), and the wait is over.
+    pub fn drain_await(&mut self) -> bool {
+        match &mut self.phase {
+            Phase::Await { stream, discarded } => {
+                handshake::drain(stream, discarded, LINGER_DISCARD_BYTES)
+            }
+            _ => false,
+        }
     }
 
     /// Writes the HTTP answer. `Ok(Some(..))` once an upgrade answer is out (call

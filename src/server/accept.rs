@@ -124,6 +124,11 @@ impl Server {
                 }
             }
             Some(Stage::Open | Stage::Closing) => self.read_messages(id),
+            Some(Stage::Await) => {
+                if conn.drain_await() {
+                    self.end_wait(id, false);
+                }
+            }
             Some(Stage::Respond) | None => {}
         }
     }
@@ -149,11 +154,20 @@ impl Server {
     }
 
     fn read_head(&mut self, id: ConnId) {
+        let max_body = self.config.max_message_bytes;
         let Some(conn) = self.conn(id) else { return };
         let peer = conn.peer();
-        match conn.read_head() {
+        match conn.read_head(max_body) {
             HeadRead::Partial => {}
             HeadRead::Gone => self.remove(id, "closed during the handshake"),
+            HeadRead::TooLarge => {
+                info!("user=- peer={peer} refused with 413: body over --max-message-bytes");
+                self.answer(
+                    id,
+                    http::refusal(413, "body over --max-message-bytes"),
+                    None,
+                );
+            }
             HeadRead::Invalid(why) => {
                 info!("user=- peer={peer} bad request: {why}");
                 self.answer(id, http::refusal(400, why), None);
@@ -172,6 +186,11 @@ impl Server {
                     }
                     Route::Page => {
                         self.answer(id, http::refusal(404, "no page here (--page=0)"), None);
+                    }
+                    Route::Api(api, user) => {
+                        let mut body = rest;
+                        body.truncate(req.content_length.unwrap_or(0));
+                        self.serve_api(id, api, user, body);
                     }
                     Route::Refuse(status, why) => {
                         info!(
@@ -203,7 +222,7 @@ impl Server {
         }
     }
 
-    fn answer(
+    pub(super) fn answer(
         &mut self,
         id: ConnId,
         bytes: impl Into<Cow<'static, [u8]>>,

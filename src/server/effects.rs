@@ -71,6 +71,7 @@ impl Server {
                     Effect::Send(id, frame) => self.write_to(id, frame),
                     Effect::Replace(id) => self.replace(id),
                     Effect::Cancel(key) => self.cancel_task(&key),
+                    Effect::Answer(id, frame) => self.answer_frame(id, frame),
                     Effect::Start(job) if self.tasks.is_some() => self.submit_task(job),
                     Effect::Start(job) => {
                         let key = job.key.clone();

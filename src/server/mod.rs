@@ -8,6 +8,7 @@
 //! into the session table and its effects out; `timers.rs` the deadlines.
 
 mod accept;
+mod api;
 mod effects;
 mod io;
 mod tasks;

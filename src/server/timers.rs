@@ -62,6 +62,10 @@ impl Server {
         let Some(heartbeat) = conn.heartbeat_mut() else {
             // Handshake, answer, linger or close: each has a deadline of its own.
             if now >= conn.poll_at() {
+                if conn.stage() == Some(Stage::Await) {
+                    self.end_wait(id, true);
+                    return;
+                }
                 if conn.stage() == Some(Stage::Handshake) {
                     info!(
                         "user={} peer={} handshake timed out",

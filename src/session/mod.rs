@@ -565,6 +565,19 @@ impl Session {
         self.history_bytes.count_in(total);
     }
 
+    /// The conversation history, oldest first.
+    pub fn history(&self) -> impl Iterator<Item = &HistoryEntry> {
+        self.history.iter()
+    }
+
+    /// Forgets the conversation history (a new conversation). Held frames and the seq
+    /// counter stay: a resume and a resent id still work.
+    pub fn forget_history(&mut self) {
+        while !self.history.is_empty() {
+            self.forget_oldest_line();
+        }
+    }
+
     /// Bytes of the conversation history this session keeps.
     pub fn history_bytes(&self) -> usize {
         self.history_bytes.get()

@@ -14,6 +14,7 @@ use crate::store::Change;
 use crate::timer::{Timers, schedule};
 use log::{debug, info, warn};
 use std::collections::HashMap;
+use std::collections::hash_map::Entry as MapEntry;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -40,6 +41,8 @@ pub enum Effect {
     Start(Job),
     /// This turn ended early (turn timeout): stop whatever still works on it.
     Cancel(TurnKey),
+    /// Answer that HTTP request (`POST /message`) with this frame.
+    Answer(ConnId, Outgoing),
 }
 
 /// What [`Sessions::detach`] found.
@@ -93,6 +96,18 @@ pub struct Sessions {
     /// With a state dir: sessions keep their changes, collected here for the journal.
     journal: bool,
     records: Vec<(UserId, Change)>,
+    /// `POST /message` requests waiting for the frame that answers their message id.
+    waiters: Vec<Waiter>,
+    /// Ids given to HTTP messages that came without one.
+    next_http_id: u64,
+}
+
+/// An HTTP request waiting for the answer to a message.
+#[derive(Debug)]
+struct Waiter {
+    user: UserId,
+    id: String,
+    conn: ConnId,
 }
 
 impl Sessions {
@@ -108,6 +123,8 @@ impl Sessions {
             next_turn: 1,
             journal: false,
             records: Vec::new(),
+            waiters: Vec::new(),
+            next_http_id: 0,
         }
     }
 
@@ -184,24 +201,7 @@ impl Sessions {
         out: &mut Vec<Effect>,
     ) -> SessionRef {
         let limits = self.limits.session;
-        let entry = match self.map.get_mut(user) {
-            Some(e) => e,
-            None => {
-                let mut session = Session::new(user.clone(), now.mono);
-                if self.journal {
-                    session.record_changes();
-                }
-                session.count_held_in(Arc::clone(&self.held_total));
-                session.count_history_in(Arc::clone(&self.history_total));
-                let epoch = self.next_epoch;
-                self.next_epoch += 1;
-                self.map.entry(user.clone()).or_insert(Entry {
-                    session,
-                    timer_at: None,
-                    epoch,
-                })
-            }
-        };
+        let entry = self.entry_or_new(user, now);
         let (replaced, frames) = entry.session.attach(conn, since, &limits, now);
         out.extend(replaced.map(Effect::Replace));
         out.extend(frames.into_iter().map(|f| Effect::Send(conn, f)));
@@ -210,6 +210,28 @@ impl Sessions {
         SessionRef {
             user: user.clone(),
             epoch,
+        }
+    }
+
+    /// `user`'s session, made if missing.
+    fn entry_or_new(&mut self, user: &UserId, now: Now) -> &mut Entry {
+        match self.map.entry(user.clone()) {
+            MapEntry::Occupied(e) => e.into_mut(),
+            MapEntry::Vacant(v) => {
+                let mut session = Session::new(user.clone(), now.mono);
+                if self.journal {
+                    session.record_changes();
+                }
+                session.count_held_in(Arc::clone(&self.held_total));
+                session.count_history_in(Arc::clone(&self.history_total));
+                let epoch = self.next_epoch;
+                self.next_epoch += 1;
+                v.insert(Entry {
+                    session,
+                    timer_at: None,
+                    epoch,
+                })
+            }
         }
     }
 
@@ -321,6 +343,7 @@ impl Sessions {
                 let Some(frame) = entry.session.finish(key.turn_id, outcome, &limits, now) else {
                     return;
                 };
+                wake(&mut self.waiters, &key.user, &frame, out);
                 match conn {
                     Some(conn) => out.push(Effect::Send(conn, frame)),
                     None => info!(
@@ -502,6 +525,7 @@ impl Sessions {
                 "user={user} turn timed out after {} s",
                 limits.turn_timeout.as_secs()
             );
+            wake(&mut self.waiters, user, &frame, out);
             if let Some(conn) = entry.session.conn() {
                 out.push(Effect::Send(conn, frame));
             }
@@ -534,6 +558,24 @@ impl Sessions {
             schedule(&mut self.timers, &mut entry.timer_at, next, user.clone());
         }
     }
+}
+
+/// Answers the waiting HTTP requests whose message `frame` answers.
+fn wake(waiters: &mut Vec<Waiter>, user: &UserId, frame: &Outgoing, out: &mut Vec<Effect>) {
+    if !waiters.iter().any(|w| w.user == *user) {
+        return;
+    }
+    let reply_to = serde_json::from_str::<serde_json::Value>(frame.text.as_str())
+        .ok()
+        .and_then(|v| v["reply_to"].as_str().map(String::from));
+    let Some(reply_to) = reply_to else { return };
+    waiters.retain(|w| {
+        let answered = w.user == *user && w.id == reply_to;
+        if answered {
+            out.push(Effect::Answer(w.conn, frame.clone()));
+        }
+        !answered
+    });
 }
 
 /// While `total` is over `budget`, asks the session with the largest `size` (`None`: has
@@ -574,6 +616,7 @@ fn collect_into(records: &mut Vec<(UserId, Change)>, user: &UserId, session: &mu
     );
 }
 
+mod api;
 mod durable;
 #[cfg(test)]
 mod tests;
