@@ -25,6 +25,12 @@ echo "== cargo doc"
 RUSTDOCFLAGS=-Dwarnings cargo doc --no-deps --quiet
 echo "== cargo test (unit, integration over 127.0.0.1, Autobahn 1-10)"
 cargo test --all-targets
+if [ "${STRAYCAT_TEST_CROSS:-1}" != 0 ] || { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then
+    echo "== the kiosk page in a real browser (tests/browser/run.sh: Debian's Chromium, Selenium)"
+    bash tests/browser/run.sh
+else
+    echo "== STRAYCAT_TEST_CROSS=0 and no Chromium: skipping the browser tests (they would apt-get install it)"
+fi
 
 if [ "${STRAYCAT_TEST_CROSS:-1}" = 0 ]; then
     echo "== STRAYCAT_TEST_CROSS=0: skipping the ARM builds, the suite under qemu and the packages"

@@ -11,7 +11,7 @@ import pathlib
 import shlex
 import sys
 
-from harness import Chromium, Server, exchange, wait, wait_state, replies, send
+from harness import Chromium, Server, replies, send, wait, wait_state
 
 SIZES = [(1280, 800), (800, 480), (390, 844)]
 QUESTIONS = ["What are your opening hours?", "Where can I get a coffee?"]
@@ -36,7 +36,7 @@ def main(out):
                         "Emulation.setEmulatedMedia",
                         {"features": [{"name": "prefers-color-scheme", "value": scheme}]},
                     )
-                    # The page follows the newest message; a scheme change must not move it.
+                    # No focus ring on the composer in the pictures.
                     browser.execute_script("document.activeElement.blur()")
                     path = out / f"page-{width}x{height}-{scheme}.png"
                     browser.save_screenshot(str(path))
