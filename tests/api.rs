@@ -26,6 +26,18 @@ fn call(server: &Server, method: &str, path: &str, headers: &[&str], body: &str)
     http_raw(server.addr(), req.as_bytes())
 }
 
+/// `GET /memory/conversation_history` of `user`, parsed.
+fn history_of(server: &Server, user: &str) -> Value {
+    let header = format!("user_id: {user}");
+    json_of(&call(
+        server,
+        "GET",
+        "/memory/conversation_history",
+        &[&header],
+        "",
+    ))
+}
+
 fn json_of(resp: &HttpResponse) -> Value {
     serde_json::from_str(&resp.body).unwrap_or_else(|e| panic!("{e}: {resp:?}"))
 }
@@ -54,13 +66,7 @@ fn a_message_over_http_runs_in_the_session() {
     c.say("and over the socket", Some("w1"));
     let (_, ws_chat) = c.recv_until_chat();
     assert_eq!(seq(&ws_chat), seq(&chat) + 1);
-    let history = json_of(&call(
-        &server,
-        "GET",
-        "/memory/conversation_history",
-        &["user_id: ann"],
-        "",
-    ));
+    let history = history_of(&server, "ann");
     let lines: Vec<(&str, &str)> = history["history"]
         .as_array()
         .unwrap()
@@ -84,13 +90,7 @@ fn a_message_over_http_runs_in_the_session() {
         "",
     );
     assert_eq!(json_of(&deleted), json!({"deleted": true}));
-    let history = json_of(&call(
-        &server,
-        "GET",
-        "/memory/conversation_history",
-        &["user_id: ann"],
-        "",
-    ));
+    let history = history_of(&server, "ann");
     assert_eq!(history, json!({"history": []}));
     // Seqs go on; the held reply to h1 still answers a resend.
     c.say("after forgetting", None);
