@@ -38,6 +38,8 @@ pub struct Request {
     pub user_id: Option<String>,
     /// The credential of `Authorization: Bearer …` or Cheshire Cat's `access_token` header.
     pub credential: Option<String>,
+    /// `Accept` asked for JSON and not for HTML (a Cat client, not a browser).
+    pub wants_json: bool,
 }
 
 /// Result of looking at the bytes received so far.
@@ -96,6 +98,9 @@ pub fn parse_head(buf: &[u8]) -> Head {
                         .split_once(' ')
                         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"));
                     out.credential = bearer.map(|(_, token)| token.trim().to_string());
+                } else if h.name.eq_ignore_ascii_case("accept") {
+                    out.wants_json =
+                        value.contains("application/json") && !value.contains("text/html");
                 } else if h.name.eq_ignore_ascii_case("access_token") {
                     out.credential = Some(value.to_string());
                 }
@@ -127,6 +132,14 @@ pub enum Route {
     Health,
     /// `GET /`: the chat page (served unless `--page=0`).
     Page,
+    /// `GET /` asking for JSON: Cheshire Cat's status answer, which its clients read.
+    Status,
+    /// `GET /metrics` (served unless `--metrics=0`); `authorized`: no `--api-key` is set,
+    /// or the request carried it as `Authorization: Bearer KEY`.
+    Metrics {
+        /// The request may see the metrics.
+        authorized: bool,
+    },
     /// The chat part of Cheshire Cat's HTTP API, for this user.
     Api(Api, UserId),
     /// Refused with this status and reason (the reason becomes the body and the log line).
@@ -146,7 +159,12 @@ pub enum Api {
 
 /// Decides what `req` gets. `api_key` is `--api-key`; `raw_echo` whether `/echo` is served.
 pub fn route(req: &Request, api_key: Option<&str>, raw_echo: bool) -> Route {
-    let api = match (req.method.as_str(), req.path.as_str()) {
+    // The Python client asks for the history with a trailing slash (the Cat redirects it).
+    let path = match req.path.strip_suffix('/') {
+        Some(p) if !p.is_empty() => p,
+        _ => req.path.as_str(),
+    };
+    let api = match (req.method.as_str(), path) {
         ("GET", "/memory/conversation_history") => Some(Api::History),
         ("DELETE", "/memory/conversation_history") => Some(Api::ForgetHistory),
         ("POST", "/message") => Some(Api::Message),
@@ -177,7 +195,15 @@ pub fn route(req: &Request, api_key: Option<&str>, raw_echo: bool) -> Route {
     if !wants_ws {
         return match req.path.as_str() {
             "/health" => Route::Health,
+            "/" if req.wants_json => Route::Status,
             "/" | "/index.html" => Route::Page,
+            "/metrics" => Route::Metrics {
+                authorized: api_key.is_none_or(|key| {
+                    req.credential
+                        .as_deref()
+                        .is_some_and(|t| constant_time_eq(t.as_bytes(), key.as_bytes()))
+                }),
+            },
             _ => Route::Refuse(404, format!("no such endpoint {}", req.path)),
         };
     }
@@ -314,6 +340,7 @@ pub fn response(status: u16, content_type: &str, body: &str) -> Vec<u8> {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
@@ -327,6 +354,8 @@ pub fn response(status: u16, content_type: &str, body: &str) -> Vec<u8> {
         _ => "Error",
     };
     let extra = match status {
+        // RFC 9110 §11.6.1: a 401 names the scheme it wants.
+        401 => "WWW-Authenticate: Bearer\r\n",
         405 => "Allow: GET\r\n",
         503 => "Retry-After: 5\r\n",
         426 => "Sec-WebSocket-Version: 13\r\n",
@@ -443,6 +472,41 @@ mod tests {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn metrics_route_and_its_key() {
+        let mut get = upgrade("/metrics");
+        get.upgrade_websocket = false;
+        assert_eq!(
+            route(&get, None, false),
+            Route::Metrics { authorized: true }
+        );
+        assert_eq!(
+            route(&get, Some("s3cret"), false),
+            Route::Metrics { authorized: false }
+        );
+        get.credential = Some("nope".into());
+        assert_eq!(
+            route(&get, Some("s3cret"), false),
+            Route::Metrics { authorized: false }
+        );
+        get.credential = Some("s3cret".into());
+        assert_eq!(
+            route(&get, Some("s3cret"), false),
+            Route::Metrics { authorized: true }
+        );
+        let head = b"GET /metrics HTTP/1.1\r\nAuthorization: Bearer s3cret\r\n\r\n";
+        let Head::Complete(req, _) = parse_head(head) else {
+            panic!("not parsed");
+        };
+        assert_eq!(
+            route(&req, Some("s3cret"), false),
+            Route::Metrics { authorized: true }
+        );
+        let r = String::from_utf8(refusal(401, "no")).unwrap();
+        assert!(r.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{r}");
+        assert!(r.contains("\r\nWWW-Authenticate: Bearer\r\n"), "{r}");
     }
 
     #[test]

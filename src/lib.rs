@@ -20,6 +20,8 @@
 //! - `store`: the state dir (`--state-dir`): the journal's records (`store/record.rs`,
 //!   pure), its writer thread with group commit and compaction (`store/journal.rs`),
 //!   start-up replay (`store/mod.rs`).
+//! - `metrics`: `GET /metrics`, the Prometheus text exposition: the loop's counters and
+//!   histograms, rendered by hand (`metrics.rs`, pure).
 //! - `timer`: the deadline heap the event loop and the session table sleep on.
 //! - [`server`]: the event loop: the loop and shutdown (`server/mod.rs`), accepting and
 //!   the HTTP phase (`accept.rs`), socket I/O (`io.rs`), the session table's effects
@@ -35,6 +37,7 @@ pub mod config;
 mod conn;
 mod http;
 pub mod logging;
+mod metrics;
 mod page;
 mod protocol;
 pub mod server;

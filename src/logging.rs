@@ -40,8 +40,28 @@ pub fn init(level_name: &str) {
         .with_level(level)
         .with_colors(std::io::stderr().is_terminal())
         .with_utc_timestamps();
+    log::set_max_level(logger.max_level());
     // Only fails if a logger is already installed (a second call in one process).
-    let _ = logger.init();
+    let _ = log::set_boxed_logger(Box::new(Unfailing(logger)));
+}
+
+/// simple_logger writes with `eprintln!`, which panics when stderr is gone (the reading
+/// end of a pipe closed): a log line must never take down the thread that logs it (the
+/// signal thread died that way, and SIGTERM was ignored). Such a line is dropped.
+struct Unfailing(simple_logger::SimpleLogger);
+
+impl Log for Unfailing {
+    fn enabled(&self, metadata: &Metadata) -> bool {
+        self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &Record) {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.0.log(record)));
+    }
+
+    fn flush(&self) {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.0.flush()));
+    }
 }
 
 /// Lines for journald: `<4>WARN user=… peer=… …`. The journal adds time and unit.

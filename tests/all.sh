@@ -15,6 +15,12 @@ if ! command -v kosoku >/dev/null 2>&1 && [ ! -x "$(python3 -c 'import sysconfig
         || python3 -m pip install --quiet --disable-pip-version-check kosoku
 fi
 
+if ! python3 -c 'import prometheus_client' 2>/dev/null; then
+    echo "== installing prometheus_client (the /metrics exposition check) from PyPI"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore prometheus_client==0.26.0 \
+        || python3 -m pip install --quiet --disable-pip-version-check prometheus_client==0.26.0
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --check
 echo "== cargo clippy --all-targets -- -D warnings"
@@ -30,6 +36,12 @@ if [ "${STRAYCAT_TEST_CROSS:-1}" != 0 ] || { [ -x /usr/bin/chromium ] && [ -x /u
     bash tests/browser/run.sh
 else
     echo "== STRAYCAT_TEST_CROSS=0 and no Chromium: skipping the browser tests (they would apt-get install it)"
+fi
+if [ "${STRAYCAT_TEST_CROSS:-1}" != 0 ] || command -v node >/dev/null 2>&1; then
+    echo "== the official Cheshire Cat clients (tests/clients/run.sh: cheshire-cat-api from PyPI, ccat-api from npm)"
+    bash tests/clients/run.sh
+else
+    echo "== STRAYCAT_TEST_CROSS=0 and no Node.js: skipping the client tests (they would apt-get install it)"
 fi
 
 if [ "${STRAYCAT_TEST_CROSS:-1}" = 0 ]; then

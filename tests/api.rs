@@ -98,6 +98,9 @@ fn a_message_over_http_runs_in_the_session() {
     assert_eq!(seq(&next), seq(&ws_chat) + 1);
     let again = json_of(&call(&server, "POST", "/message", &["user_id: ann"], &msg));
     assert_eq!(again, chat);
+    // The Cat's status, for a client asking for JSON at `/` (a browser gets the page).
+    let status = call(&server, "GET", "/", &["Accept: application/json"], "");
+    assert_eq!(json_of(&status)["status"], "We're purring");
     // Without user_id: the Cat's default user.
     let resp = call(&server, "POST", "/message", &[], r#"{"text":"who am i"}"#);
     assert_eq!(json_of(&resp)["user_id"], "user");

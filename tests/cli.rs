@@ -164,3 +164,50 @@ fn help_agrees_with_the_readme_table() {
         );
     }
 }
+
+/// With its stderr gone (the reading end closed), a log line must not kill the thread that
+/// writes it: SIGTERM still stops the server.
+#[test]
+fn sigterm_works_when_stderr_is_gone() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_straycat"))
+        .args(["--listen", "127.0.0.1:0", "--log-level", "debug"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    assert!(
+        lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|l| l.contains("listening on ")),
+        "never listened"
+    );
+    drop(lines);
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exited = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "{exited:?}: SIGTERM ignored"
+    );
+}

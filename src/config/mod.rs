@@ -56,6 +56,8 @@ pub struct Config {
     pub raw_echo: bool,
     /// Serve the chat page at `/`.
     pub page: bool,
+    /// Serve `GET /metrics` (Prometheus text format).
+    pub metrics: bool,
     /// Where sessions are kept across restarts; `None`: in memory only.
     pub state_dir: Option<String>,
     /// Log level name (`error`, `warn`, `info`, `debug`, `trace`, `off`).
@@ -129,6 +131,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             raw_echo: false,
             page: true,
+            metrics: true,
             state_dir: None,
             log_level: "info".to_string(),
             agent: AgentKind::Echo,

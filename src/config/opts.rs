@@ -275,6 +275,13 @@ pub(super) const OPTS: &[Opt] = &[
         show: |c| on_off(c.page),
     },
     Opt {
+        name: "metrics",
+        value: "",
+        help: "serve GET /metrics, Prometheus text format (off: 404; --api-key: Bearer KEY)",
+        set: |c, v| v.switch().map(|on| c.metrics = on),
+        show: |c| on_off(c.metrics),
+    },
+    Opt {
         name: "state-dir",
         value: "DIR",
         help: "keep sessions in DIR across restarts and crashes (made if missing; none: memory only)",

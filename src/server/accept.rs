@@ -5,6 +5,7 @@ use super::timers::TimerKey;
 use super::{Server, Slot};
 use crate::conn::{Conn, ConnId, HeadRead, Heartbeat, Kind, Stage, Upgrade};
 use crate::http::{self, Route};
+use crate::metrics;
 use crate::page;
 use log::{debug, error, info, warn};
 use mio::net::TcpStream;
@@ -69,6 +70,7 @@ impl Server {
                 "user=- peer={peer} refused: connection cap {} reached",
                 self.config.max_connections
             );
+            self.metrics.refused(503);
             let _ = stream.write(&http::refusal(503, "too many connections"));
             return;
         }
@@ -80,6 +82,7 @@ impl Server {
                 self.config.max_connections
             );
             self.refusing += 1;
+            self.metrics.refused(503);
             let answer = http::refusal(503, "too many connections");
             Conn::refused(id, peer, stream, now + LINGER_TIMEOUT, answer)
         } else {
@@ -162,15 +165,11 @@ impl Server {
             HeadRead::Gone => self.remove(id, "closed during the handshake"),
             HeadRead::TooLarge => {
                 info!("user=- peer={peer} refused with 413: body over --max-message-bytes");
-                self.answer(
-                    id,
-                    http::refusal(413, "body over --max-message-bytes"),
-                    None,
-                );
+                self.refuse(id, 413, "body over --max-message-bytes");
             }
             HeadRead::Invalid(why) => {
                 info!("user=- peer={peer} bad request: {why}");
-                self.answer(id, http::refusal(400, why), None);
+                self.refuse(id, 400, why);
             }
             HeadRead::Complete(req, rest) => {
                 let route = http::route(&req, self.config.api_key.as_deref(), self.config.raw_echo);
@@ -180,12 +179,32 @@ impl Server {
                         let body = self.health_json();
                         self.answer(id, http::response(200, "application/json", &body), None);
                     }
+                    Route::Status => {
+                        let body = serde_json::json!({
+                            "status": "We're purring",
+                            "version": env!("CARGO_PKG_VERSION"),
+                        })
+                        .to_string();
+                        self.answer(id, http::response(200, "application/json", &body), None);
+                    }
                     Route::Page if self.config.page => {
                         debug!("user=- peer={peer} GET {}", req.path);
                         self.answer(id, page::response(), None);
                     }
-                    Route::Page => {
-                        self.answer(id, http::refusal(404, "no page here (--page=0)"), None);
+                    Route::Page => self.refuse(id, 404, "no page here (--page=0)"),
+                    // Off means absent, whatever the credential: 404 before 401.
+                    Route::Metrics { .. } if !self.config.metrics => {
+                        self.refuse(id, 404, "no metrics here (--metrics=0)");
+                    }
+                    Route::Metrics { authorized: false } => {
+                        info!("user=- peer={peer} GET /metrics refused with 401: no or wrong key");
+                        self.refuse(id, 401, "send the --api-key as Authorization: Bearer KEY");
+                    }
+                    Route::Metrics { authorized: true } => {
+                        debug!("user=- peer={peer} GET /metrics");
+                        let body = self.metrics_text();
+                        let answer = http::response(200, metrics::CONTENT_TYPE, &body);
+                        self.answer(id, answer, None);
                     }
                     Route::Api(api, user) => {
                         let mut body = rest;
@@ -197,7 +216,7 @@ impl Server {
                             "user=- peer={peer} {} {} refused with {status}: {why}",
                             req.method, req.path
                         );
-                        self.answer(id, http::refusal(status, &why), None);
+                        self.refuse(id, status, &why);
                     }
                     Route::Echo => {
                         let key = req.ws_key.unwrap_or_default();
@@ -210,7 +229,7 @@ impl Server {
                                 "user={} peer={peer} refused with 503: session cap {} reached",
                                 target.user, self.config.max_sessions
                             );
-                            self.answer(id, http::refusal(503, "too many sessions"), None);
+                            self.refuse(id, 503, "too many sessions");
                             return;
                         }
                         let key = req.ws_key.unwrap_or_default();
@@ -220,6 +239,12 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// Answers `id` with HTTP error `status` and the one-line reason `why`, and counts it.
+    pub(super) fn refuse(&mut self, id: ConnId, status: u16, why: &str) {
+        self.metrics.refused(status);
+        self.answer(id, http::refusal(status, why), None);
     }
 
     pub(super) fn answer(
@@ -253,6 +278,9 @@ impl Server {
                 Kind::Echo
             }
             Upgrade::Chat(target) => {
+                if target.since.is_some() {
+                    self.metrics.resumed();
+                }
                 let at =
                     self.sessions
                         .attach(id, &target.user, target.since, now, &mut self.effects);

@@ -25,13 +25,13 @@ impl Server {
                     .sessions
                     .history(&user)
                     .iter()
-                    .map(|h| {
+                    .map(|(h, when)| {
                         let who = match h.who {
                             Who::Human => "Human",
                             Who::Ai => "AI",
                         };
                         json!({"who": who, "role": who, "message": &*h.text,
-                            "content": &*h.text, "why": {}})
+                            "content": &*h.text, "when": when, "why": {}})
                     })
                     .collect();
                 let body = json!({ "history": history }).to_string();
@@ -51,6 +51,7 @@ impl Server {
                     Ok(m) => m,
                     Err(why) => {
                         info!("user={user} peer={peer} POST /message refused with 400: {why}");
+                        self.metrics.refused(400);
                         let body = json!({ "detail": why }).to_string();
                         self.answer(id, http::response(400, "application/json", &body), None);
                         return;
@@ -63,7 +64,7 @@ impl Server {
                 {
                     let why = "too many sessions";
                     info!("user={user} peer={peer} POST /message refused with 503: {why}");
-                    self.answer(id, http::refusal(503, why), None);
+                    self.refuse(id, 503, why);
                     return;
                 }
                 // The answer comes through the session table; until then the connection
@@ -81,6 +82,7 @@ impl Server {
 
     /// The frame that answers a `POST /message`: its JSON is the body, its kind the status.
     pub(super) fn answer_frame(&mut self, id: ConnId, frame: Outgoing) {
+        self.metrics.frame_sent(frame.seq, frame.text.as_str());
         let v: Value = serde_json::from_str(frame.text.as_str()).unwrap_or_default();
         let status = match (v["type"].as_str(), v["name"].as_str()) {
             (Some("chat"), _) => 200,

@@ -4,8 +4,9 @@
 use super::Server;
 use super::io::CLOSE_TIMEOUT;
 use crate::agent::AgentError;
-use crate::agent::TurnEvent;
+use crate::agent::{Stream, TurnEvent, TurnKey};
 use crate::conn::{ConnId, Kind};
+use crate::metrics::Outcome;
 use crate::protocol::{ErrorName, parse_client_message};
 use crate::session::Effect;
 use log::{debug, error, info};
@@ -56,10 +57,29 @@ impl Server {
     /// Takes the worker pool's results to the session table.
     pub(super) fn drain_results(&mut self) {
         while let Some((key, event)) = self.pool.as_ref().and_then(|p| p.try_result()) {
-            self.sessions
-                .turn_event(&key, event, self.now, &mut self.effects);
+            self.turn_event(&key, event);
         }
         self.apply_effects();
+    }
+
+    /// Hands what an agent produced for turn `key` to the session table, timing the turn
+    /// on the way (first token, end). Every agent's events pass here.
+    pub(super) fn turn_event(&mut self, key: &TurnKey, event: TurnEvent) {
+        let now = self.now;
+        match &event {
+            TurnEvent::Stream(Stream::Token(_)) => self.metrics.token(key.turn_id, now.mono),
+            TurnEvent::Stream(Stream::Notification(_)) => {}
+            TurnEvent::Done(outcome) => {
+                // As the session table words it: a cancelled turn ends with AgentError.
+                let outcome = match outcome {
+                    Ok(_) => Outcome::Chat,
+                    Err(_) => Outcome::AgentError,
+                };
+                self.metrics
+                    .turn_ended(key.turn_id, outcome, now.mono, now.unix);
+            }
+        }
+        self.sessions.turn_event(key, event, now, &mut self.effects);
     }
 
     /// Does what the session table asked for, in order.
@@ -70,10 +90,20 @@ impl Server {
                 match effect {
                     Effect::Send(id, frame) => self.write_to(id, frame),
                     Effect::Replace(id) => self.replace(id),
-                    Effect::Cancel(key) => self.cancel_task(&key),
+                    Effect::Cancel(key) => {
+                        // The table cancels a turn only when it timed out.
+                        let now = self.now;
+                        self.metrics
+                            .turn_ended(key.turn_id, Outcome::Timeout, now.mono, now.unix);
+                        self.cancel_task(&key);
+                    }
                     Effect::Answer(id, frame) => self.answer_frame(id, frame),
-                    Effect::Start(job) if self.tasks.is_some() => self.submit_task(job),
+                    Effect::Start(job) if self.tasks.is_some() => {
+                        self.metrics.turn_started(job.key.turn_id, self.now.mono);
+                        self.submit_task(job);
+                    }
                     Effect::Start(job) => {
+                        self.metrics.turn_started(job.key.turn_id, self.now.mono);
                         let key = job.key.clone();
                         if self.pool.as_ref().is_some_and(|p| p.submit(job)) {
                             continue;
@@ -83,9 +113,7 @@ impl Server {
                             key.user
                         );
                         let failed = AgentError::Failed("no worker available".into());
-                        let event = TurnEvent::Done(Err(failed));
-                        self.sessions
-                            .turn_event(&key, event, self.now, &mut self.effects);
+                        self.turn_event(&key, TurnEvent::Done(Err(failed)));
                     }
                 }
             }
@@ -106,6 +134,8 @@ impl Server {
             conn.peer()
         );
         let _ = conn.close(CloseCode::Normal, "replaced", deadline);
+        self.metrics.replaced();
+        self.metrics.closed(CloseCode::Normal.into());
         if let Some(slot) = self.slot(id) {
             slot.timer_at = None;
         }

@@ -70,10 +70,14 @@ impl Server {
 
     /// Writes a session frame to `id` if it is still open.
     pub(super) fn write_to(&mut self, id: ConnId, frame: Outgoing) {
-        let Some(conn) = self.conn(id) else { return };
+        // The slab alone, so that the metrics can be borrowed beside it.
+        let Some(Slot { conn, .. }) = slot_in(&mut self.conns, id) else {
+            return;
+        };
         if !conn.is_open() {
             return;
         }
+        self.metrics.frame_sent(frame.seq, frame.text.as_str());
         let result = conn.write_text(frame.text, frame.seq);
         self.settle(id, result);
     }
@@ -138,7 +142,10 @@ impl Server {
     pub(super) fn close_conn(&mut self, id: ConnId, code: CloseCode, reason: &str) {
         self.detach(id);
         let deadline = self.now.mono + CLOSE_TIMEOUT;
-        let Some(conn) = self.conn(id) else { return };
+        let Some(Slot { conn, .. }) = slot_in(&mut self.conns, id) else {
+            return;
+        };
+        self.metrics.closed(code.into());
         match conn.close(code, reason, deadline) {
             WsWrite::Ok | WsWrite::Pending | WsWrite::Full => {
                 if let Some(slot) = self.slot(id) {

@@ -18,6 +18,7 @@ use crate::agent::Backend;
 use crate::agent::pool::{Notifier, Pool};
 use crate::config::Config;
 use crate::conn::{Conn, ConnId, READ_BUFFER_BYTES, Stage};
+use crate::metrics::{self, Gauges, Metrics, StateGauges};
 use crate::protocol::unix_now;
 use crate::session::{Effect, Limits, Now, Sessions, TableLimits};
 use crate::store::{self, Store};
@@ -141,6 +142,8 @@ pub struct Server {
     watchdog: Option<Duration>,
     /// The state dir's journal, with `--state-dir`.
     store: Option<Store>,
+    /// What `/metrics` shows (and the agent's part of `/health`).
+    metrics: Metrics,
 }
 
 impl Server {
@@ -161,7 +164,10 @@ impl Server {
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let notifier = Notifier::new(waker);
-        let (pool, tasks) = match agent.into() {
+        let backend = agent.into();
+        let agent_kind =
+            metrics::agent_kind(matches!(backend, Backend::Threads(_)), backend.name());
+        let (pool, tasks) = match backend {
             Backend::Threads(agent) => (
                 Some(Pool::start(config.workers, agent, notifier.clone())?),
                 None,
@@ -222,6 +228,7 @@ impl Server {
             sd_notify: None,
             watchdog: None,
             store: None,
+            metrics: Metrics::new(agent_kind),
             config,
         })
     }
@@ -341,6 +348,10 @@ impl Server {
             if let Some(pool) = &self.pool {
                 pool.kick();
             }
+            // A second clock read per iteration (vDSO, tens of nanoseconds): what tells a
+            // loop that stalls on a slow snapshot or a flood from one that idles.
+            self.metrics
+                .iteration(Instant::now().saturating_duration_since(self.now.mono));
             if self.stopping.is_none() && self.shutdown_flag.load(Ordering::Acquire) {
                 self.begin_shutdown();
             }
@@ -392,7 +403,58 @@ impl Server {
         if let Some(store) = &self.store {
             health["state"] = store.health();
         }
+        health["agent"] = self.metrics.agent_health();
         health.to_string()
+    }
+
+    /// The `/metrics` exposition: the loop's counters, and what the connections, the
+    /// session table and the state dir hold right now.
+    fn metrics_text(&self) -> String {
+        const STAGES: [Stage; 6] = [
+            Stage::Handshake,
+            Stage::Respond,
+            Stage::Linger,
+            Stage::Await,
+            Stage::Open,
+            Stage::Closing,
+        ];
+        let mut by_stage = STAGES.map(|stage| (stage, 0u64));
+        for (_, slot) in &self.conns {
+            if let Some(stage) = slot.conn.stage()
+                && let Some((_, n)) = by_stage.iter_mut().find(|(s, _)| *s == stage)
+            {
+                *n += 1;
+            }
+        }
+        let table = self.sessions.occupancy();
+        // The store's counters as `/health` shows them, so both read the same figures
+        // (and the store needs no second accessor).
+        let state = self.store.as_ref().map(|store| {
+            let h = store.health();
+            let get = |k: &str| h[k].as_u64().unwrap_or(0);
+            StateGauges {
+                records_written: get("records_written"),
+                bytes_written: get("bytes_written"),
+                syncs: get("syncs"),
+                write_errors: get("write_errors"),
+                disk_bytes: get("disk_bytes"),
+                unsynced_records: get("unsynced_records"),
+                degraded: store.degraded(),
+            }
+        });
+        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        self.metrics.render(&Gauges {
+            connections: by_stage
+                .iter()
+                .map(|(stage, n)| (stage.to_string(), *n))
+                .collect(),
+            sessions_attached: count(table.attached),
+            sessions_detached: count(table.detached),
+            held_frames: count(table.held_frames),
+            held_bytes: count(table.held_bytes),
+            history_bytes: count(table.history_bytes),
+            state,
+        })
     }
 
     /// Stops accepting, cancels every turn, and closes every socket with 1001.
@@ -408,6 +470,7 @@ impl Server {
         }
         let _ = self.poll.registry().deregister(&mut self.listener);
         self.sessions.cancel_all();
+        self.metrics.forget_turns();
         self.abort_all_tasks();
         if let Some(pool) = &mut self.pool {
             pool.close();

@@ -154,9 +154,14 @@ impl Server {
         let step = call(running.task.as_mut(), &mut ctx);
         let key = running.key.clone();
         let next = running.task.poll_at();
-        for item in tasks.streamed.drain(..) {
-            self.sessions
-                .turn_event(&key, TurnEvent::Stream(item), now, &mut self.effects);
+        // Taken out while `turn_event` has the whole server, then put back to keep its
+        // allocation.
+        let mut streamed = std::mem::take(&mut tasks.streamed);
+        for item in streamed.drain(..) {
+            self.turn_event(&key, TurnEvent::Stream(item));
+        }
+        if let Some(tasks) = self.tasks.as_mut() {
+            tasks.streamed = streamed;
         }
         match step {
             Step::Pending => {
@@ -168,8 +173,7 @@ impl Server {
             }
             Step::Done(outcome) => {
                 self.end_task(slot);
-                self.sessions
-                    .turn_event(&key, TurnEvent::Done(outcome), now, &mut self.effects);
+                self.turn_event(&key, TurnEvent::Done(outcome));
             }
         }
         self.apply_effects();

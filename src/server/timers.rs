@@ -96,6 +96,7 @@ impl Server {
                 // The peer is gone or stuck: a close handshake would only wait for it
                 // again, so the close frame is a courtesy and the socket goes now.
                 self.detach(id);
+                self.metrics.closed(CloseCode::Error.into());
                 if let Some(c) = self.conn(id) {
                     let _ = c.close(CloseCode::Error, "heartbeat timeout", now);
                     let _ = c.flush();

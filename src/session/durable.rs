@@ -24,6 +24,7 @@ impl Session {
                 for h in self.history.drain(..) {
                     self.history_bytes.sub(h.text.len());
                 }
+                self.history_when.clear();
                 self.ids.clear();
                 self.queue.clear();
                 self.next_seq = next_seq.max(1);
@@ -43,12 +44,14 @@ impl Session {
                     self.held_bytes.sub(old.text.len());
                 }
             }
-            Change::Line { who, text } => {
+            Change::Line { who, text, unix } => {
+                self.history_when.push_back(unix);
                 self.history_bytes.add(text.len());
                 self.history.push_back(HistoryEntry { who, text });
             }
             Change::ForgetLine => {
                 if let Some(old) = self.history.pop_front() {
+                    self.history_when.pop_front();
                     self.history_bytes.sub(old.text.len());
                 }
             }
@@ -99,9 +102,10 @@ impl Session {
             seq: f.seq,
             text: f.text.clone(),
         }));
-        out.extend(self.history.iter().map(|h| Change::Line {
+        out.extend(self.history().map(|(h, unix)| Change::Line {
             who: h.who,
             text: h.text.clone(),
+            unix,
         }));
         out.extend(self.ids.iter().filter_map(|(id, state)| match state {
             IdState::Answered(seq) => Some(Change::Answered {

@@ -102,6 +102,8 @@ pub struct Session {
     user: UserId,
     conn: Option<ConnId>,
     history: VecDeque<HistoryEntry>,
+    /// The Unix time of each line of `history` (the HTTP API shows it).
+    history_when: VecDeque<f64>,
     /// Bytes of the lines in `history`.
     history_bytes: Tally,
     held: VecDeque<HeldFrame>,
@@ -125,6 +127,7 @@ impl Session {
             user,
             conn: None,
             history: VecDeque::new(),
+            history_when: VecDeque::new(),
             history_bytes: Tally::default(),
             held: VecDeque::new(),
             held_bytes: Tally::default(),
@@ -416,8 +419,9 @@ impl Session {
         let running = self.running.take()?;
         let frame = match outcome {
             Ok(text) => {
-                self.remember(Who::Human, Arc::from(running.msg.text.as_str()), limits);
-                self.remember(Who::Ai, Arc::from(text.as_str()), limits);
+                let human = Arc::from(running.msg.text.as_str());
+                self.remember(Who::Human, human, now.unix, limits);
+                self.remember(Who::Ai, Arc::from(text.as_str()), now.unix, limits);
                 Held::Chat {
                     text,
                     input: running.msg.text,
@@ -540,13 +544,15 @@ impl Session {
         }
     }
 
-    fn remember(&mut self, who: Who, text: Arc<str>, limits: &Limits) {
+    fn remember(&mut self, who: Who, text: Arc<str>, unix: f64, limits: &Limits) {
         self.history_bytes.add(text.len());
         self.log(Change::Line {
             who,
             text: Arc::clone(&text),
+            unix,
         });
         self.history.push_back(HistoryEntry { who, text });
+        self.history_when.push_back(unix);
         while self.history.len() > limits.history_turns * 2 {
             self.forget_oldest_line();
         }
@@ -554,6 +560,7 @@ impl Session {
 
     fn forget_oldest_line(&mut self) {
         if let Some(old) = self.history.pop_front() {
+            self.history_when.pop_front();
             self.history_bytes.sub(old.text.len());
             self.log(Change::ForgetLine);
         }
@@ -565,9 +572,9 @@ impl Session {
         self.history_bytes.count_in(total);
     }
 
-    /// The conversation history, oldest first.
-    pub fn history(&self) -> impl Iterator<Item = &HistoryEntry> {
-        self.history.iter()
+    /// The conversation history, oldest first, with the Unix time of each line.
+    pub fn history(&self) -> impl Iterator<Item = (&HistoryEntry, f64)> {
+        self.history.iter().zip(self.history_when.iter().copied())
     }
 
     /// Forgets the conversation history (a new conversation). Held frames and the seq

@@ -56,6 +56,21 @@ pub enum Detached {
     TurnRunning,
 }
 
+/// What `/metrics` shows of the table at a scrape.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Occupancy {
+    /// Sessions with a socket attached.
+    pub attached: usize,
+    /// Sessions without one.
+    pub detached: usize,
+    /// Frames held by all sessions.
+    pub held_frames: usize,
+    /// Bytes of those frames.
+    pub held_bytes: usize,
+    /// Bytes of the history of all sessions.
+    pub history_bytes: usize,
+}
+
 /// The bounds of the table, from the configuration.
 #[derive(Clone, Copy, Debug)]
 pub struct TableLimits {
@@ -163,6 +178,24 @@ impl Sessions {
     /// Sessions in the table.
     pub fn len(&self) -> usize {
         self.map.len()
+    }
+
+    /// Sessions attached and detached, and what they hold: a pass over every session,
+    /// made only when `/metrics` is scraped (counting on every attach and frame would
+    /// cost the hot path for a figure read every few seconds).
+    pub fn occupancy(&self) -> Occupancy {
+        let attached = self
+            .map
+            .values()
+            .filter(|e| e.session.conn().is_some())
+            .count();
+        Occupancy {
+            attached,
+            detached: self.map.len() - attached,
+            held_frames: self.map.values().map(|e| e.session.held_frames()).sum(),
+            held_bytes: self.held_total.load(Ordering::Relaxed),
+            history_bytes: self.history_total.load(Ordering::Relaxed),
+        }
     }
 
     /// Ensures a session for `user` exists or can be made: at the cap, the longest-idle

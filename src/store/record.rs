@@ -49,6 +49,8 @@ pub enum Change {
         who: Who,
         /// What was said.
         text: Arc<str>,
+        /// When (Unix seconds).
+        unix: f64,
     },
     /// The oldest line of the history went.
     ForgetLine,
@@ -146,12 +148,13 @@ pub fn encode(user: Option<&UserId>, change: &Change, out: &mut Vec<u8>) -> Opti
             put_varint(out, *seq);
             put_text(out, text);
         }
-        Change::Line { who, text } => {
+        Change::Line { who, text, unix } => {
             out.push(match who {
                 Who::Human => 0,
                 Who::Ai => 1,
             });
             put_text(out, text);
+            out.extend_from_slice(&unix.to_le_bytes());
         }
         Change::Handed { seq } | Change::Finished { seq } => put_varint(out, *seq),
         Change::Accepted(msg) => {
@@ -291,6 +294,7 @@ impl<'a> Reader<'a> {
                     _ => return None,
                 },
                 text: Arc::from(self.text()?),
+                unix: self.f64()?,
             },
             FORGET_LINE => Change::ForgetLine,
             HANDED => Change::Handed {

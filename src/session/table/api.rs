@@ -9,11 +9,12 @@ use crate::protocol::{ClientMessage, UserId};
 use crate::session::{Accepted, Now};
 
 impl Sessions {
-    /// `user`'s conversation history, oldest first (empty without a session).
-    pub fn history(&self, user: &UserId) -> Vec<HistoryEntry> {
+    /// `user`'s conversation history, oldest first, with the Unix time of each line
+    /// (empty without a session).
+    pub fn history(&self, user: &UserId) -> Vec<(HistoryEntry, f64)> {
         self.map
             .get(user)
-            .map(|e| e.session.history().cloned().collect())
+            .map(|e| e.session.history().map(|(h, t)| (h.clone(), t)).collect())
             .unwrap_or_default()
     }
 

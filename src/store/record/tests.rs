@@ -27,10 +27,12 @@ fn every_change() -> Vec<Change> {
         Change::Line {
             who: Who::Human,
             text: Arc::from("hello"),
+            unix: 1.7e9,
         },
         Change::Line {
             who: Who::Ai,
             text: Arc::from(""),
+            unix: 0.5,
         },
         Change::ForgetLine,
         Change::Handed { seq: u64::MAX },
