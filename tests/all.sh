@@ -44,6 +44,13 @@ else
     echo "== STRAYCAT_TEST_CROSS=0 and no Node.js: skipping the client tests (they would apt-get install it)"
 fi
 
+if [ "${STRAYCAT_TEST_CROSS:-1}" != 0 ] || command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ]; then
+    echo "== several instances behind HAProxy: sticky routing, a drain and a return (deploy/test.sh)"
+    bash deploy/test.sh
+else
+    echo "== STRAYCAT_TEST_CROSS=0 and no haproxy: skipping deploy/test.sh (it would apt-get install it)"
+fi
+
 if [ "${STRAYCAT_TEST_CROSS:-1}" = 0 ]; then
     echo "== STRAYCAT_TEST_CROSS=0: skipping the ARM builds, the suite under qemu and the packages"
     exit 0
