@@ -182,10 +182,7 @@ pub fn route(req: &Request, api_key: Option<&str>, raw_echo: bool) -> Route {
         match percent_decode(raw).as_deref().and_then(UserId::parse) {
             Some(u) => Some(u),
             None => {
-                return Route::Refuse(
-                    400,
-                    "invalid user id: 1-64 characters of A-Z a-z 0-9 _ . @ -".into(),
-                );
+                return Route::Refuse(400, format!("invalid user id: {USER_ID_RULE}"));
             }
         }
     } else {
@@ -198,11 +195,7 @@ pub fn route(req: &Request, api_key: Option<&str>, raw_echo: bool) -> Route {
             "/" if req.wants_json => Route::Status,
             "/" | "/index.html" => Route::Page,
             "/metrics" => Route::Metrics {
-                authorized: api_key.is_none_or(|key| {
-                    req.credential
-                        .as_deref()
-                        .is_some_and(|t| constant_time_eq(t.as_bytes(), key.as_bytes()))
-                }),
+                authorized: key_ok(api_key, req.credential.as_deref()),
             },
             _ => Route::Refuse(404, format!("no such endpoint {}", req.path)),
         };
@@ -242,11 +235,7 @@ pub fn route(req: &Request, api_key: Option<&str>, raw_echo: bool) -> Route {
             _ => {}
         }
     }
-    if let Some(key) = api_key
-        && !token
-            .as_deref()
-            .is_some_and(|t| constant_time_eq(t.as_bytes(), key.as_bytes()))
-    {
+    if !key_ok(api_key, token.as_deref()) {
         return Route::Refuse(403, "missing or wrong token".into());
     }
     Route::Chat(ChatTarget { user, since })
@@ -261,10 +250,7 @@ fn route_api(req: &Request, api: Api, api_key: Option<&str>) -> Route {
         Some(raw) => match UserId::parse(raw) {
             Some(u) => u,
             None => {
-                return Route::Refuse(
-                    400,
-                    "invalid user_id: 1-64 characters of A-Z a-z 0-9 _ . @ -".into(),
-                );
+                return Route::Refuse(400, format!("invalid user_id: {USER_ID_RULE}"));
             }
         },
     };
@@ -274,11 +260,7 @@ fn route_api(req: &Request, api: Api, api_key: Option<&str>) -> Route {
         .find_map(|p| p.strip_prefix("token="))
         .and_then(percent_decode)
         .or_else(|| req.credential.clone());
-    if let Some(key) = api_key
-        && !token
-            .as_deref()
-            .is_some_and(|t| constant_time_eq(t.as_bytes(), key.as_bytes()))
-    {
+    if !key_ok(api_key, token.as_deref()) {
         return Route::Refuse(403, "missing or wrong token".into());
     }
     if api == Api::Message {
@@ -290,6 +272,14 @@ fn route_api(req: &Request, api: Api, api_key: Option<&str>) -> Route {
         }
     }
     Route::Api(api, user)
+}
+
+/// What a user id may be, for the 400 that refuses one.
+const USER_ID_RULE: &str = "1-64 characters of A-Z a-z 0-9 _ . @ -";
+
+/// Whether `given` is the `--api-key` (always, without one); compared in constant time.
+fn key_ok(api_key: Option<&str>, given: Option<&str>) -> bool {
+    api_key.is_none_or(|key| given.is_some_and(|t| constant_time_eq(t.as_bytes(), key.as_bytes())))
 }
 
 /// RFC 6455 §4.1: the key is 16 random bytes in base64, so 24 characters ending in `==`.

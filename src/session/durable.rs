@@ -77,14 +77,11 @@ impl Session {
     /// after it), and the bounds of this configuration hold.
     pub(super) fn restored(&mut self, gap: u64, limits: &Limits) {
         self.next_seq = self.next_seq.saturating_add(gap);
-        while self.held.len() > limits.max_held_frames.max(1)
-            || (self.held_bytes.get() > limits.max_held_bytes && self.held.len() > 1)
-        {
-            self.drop_oldest("held frames over this configuration's bound after the restart");
-        }
-        while self.history.len() > limits.history_turns * 2 {
-            self.forget_oldest_line();
-        }
+        self.trim_held(
+            limits,
+            "held frames over this configuration's bound after the restart",
+        );
+        self.trim_history(limits);
     }
 
     /// The whole session as changes, starting with a `Reset`: what compaction writes.

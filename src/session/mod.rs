@@ -256,11 +256,7 @@ impl Session {
             seq,
             text: text.clone(),
         });
-        while self.held.len() > limits.max_held_frames.max(1)
-            || (self.held_bytes.get() > limits.max_held_bytes && self.held.len() > 1)
-        {
-            self.drop_oldest("held frames full");
-        }
+        self.trim_held(limits, "held frames full");
         Outgoing {
             seq: Some(seq),
             text,
@@ -358,6 +354,11 @@ impl Session {
             cancel: cancel.clone(),
         });
         Some((turn, cancel))
+    }
+
+    /// The client's id of the message the running turn answers.
+    pub fn running_msg_id(&self) -> Option<&str> {
+        self.running.as_ref().and_then(|r| r.msg.id.as_deref())
     }
 
     /// The running turn's id and deadline.
@@ -553,8 +554,22 @@ impl Session {
         });
         self.history.push_back(HistoryEntry { who, text });
         self.history_when.push_back(unix);
+        self.trim_history(limits);
+    }
+
+    /// Forgets the oldest lines past `--history-turns`.
+    fn trim_history(&mut self, limits: &Limits) {
         while self.history.len() > limits.history_turns * 2 {
             self.forget_oldest_line();
+        }
+    }
+
+    /// Drops the oldest held frames past the session's bounds; the newest always stays.
+    fn trim_held(&mut self, limits: &Limits, why: &str) {
+        while self.held.len() > limits.max_held_frames.max(1)
+            || (self.held_bytes.get() > limits.max_held_bytes && self.held.len() > 1)
+        {
+            self.drop_oldest(why);
         }
     }
 

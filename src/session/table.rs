@@ -373,10 +373,11 @@ impl Sessions {
                 if let Err(e) = &outcome {
                     warn!("user={} turn failed: {e}", key.user);
                 }
+                let answers = waited_for(&self.waiters, &key.user, &entry.session);
                 let Some(frame) = entry.session.finish(key.turn_id, outcome, &limits, now) else {
                     return;
                 };
-                wake(&mut self.waiters, &key.user, &frame, out);
+                wake(&mut self.waiters, &key.user, answers, &frame, out);
                 match conn {
                     Some(conn) => out.push(Effect::Send(conn, frame)),
                     None => info!(
@@ -547,6 +548,7 @@ impl Sessions {
             return;
         };
         let turn_id = entry.session.running().map(|(id, _)| id);
+        let answers = waited_for(&self.waiters, user, &entry.session);
         if let Some(frame) = entry.session.check_timeout(&limits, now) {
             if let Some(turn_id) = turn_id {
                 out.push(Effect::Cancel(TurnKey {
@@ -558,7 +560,7 @@ impl Sessions {
                 "user={user} turn timed out after {} s",
                 limits.turn_timeout.as_secs()
             );
-            wake(&mut self.waiters, user, &frame, out);
+            wake(&mut self.waiters, user, answers, &frame, out);
             if let Some(conn) = entry.session.conn() {
                 out.push(Effect::Send(conn, frame));
             }
@@ -593,17 +595,27 @@ impl Sessions {
     }
 }
 
-/// Answers the waiting HTTP requests whose message `frame` answers.
-fn wake(waiters: &mut Vec<Waiter>, user: &UserId, frame: &Outgoing, out: &mut Vec<Effect>) {
-    if !waiters.iter().any(|w| w.user == *user) {
-        return;
-    }
-    let reply_to = serde_json::from_str::<serde_json::Value>(frame.text.as_str())
-        .ok()
-        .and_then(|v| v["reply_to"].as_str().map(String::from));
-    let Some(reply_to) = reply_to else { return };
+/// The id of the message `session`'s running turn answers, if an HTTP request of `user`
+/// waits (only then is it worth a copy).
+fn waited_for(waiters: &[Waiter], user: &UserId, session: &Session) -> Option<String> {
+    waiters
+        .iter()
+        .any(|w| w.user == *user)
+        .then(|| session.running_msg_id().map(String::from))
+        .flatten()
+}
+
+/// Answers the waiting HTTP requests for the message `id` of `user` with `frame`.
+fn wake(
+    waiters: &mut Vec<Waiter>,
+    user: &UserId,
+    id: Option<String>,
+    frame: &Outgoing,
+    out: &mut Vec<Effect>,
+) {
+    let Some(id) = id else { return };
     waiters.retain(|w| {
-        let answered = w.user == *user && w.id == reply_to;
+        let answered = w.user == *user && w.id == id;
         if answered {
             out.push(Effect::Answer(w.conn, frame.clone()));
         }

@@ -1,12 +1,11 @@
 //! The session table and the state dir: rebuilt from the journal at start-up, and written
 //! whole, a few sessions at a time, when the journal is compacted.
 
-use super::{Effect, Entry, Sessions};
+use super::{Effect, Sessions};
 use crate::protocol::UserId;
-use crate::session::{Now, Session};
+use crate::session::Now;
 use crate::store::Change;
 use log::{info, warn};
-use std::sync::Arc;
 
 impl Sessions {
     /// Replays one change of the journal (start-up, before the loop runs; nothing is
@@ -17,24 +16,10 @@ impl Sessions {
             return;
         }
         let limits = self.limits.session;
-        if !self.map.contains_key(&user) {
-            let mut session = Session::new(user.clone(), now.mono);
-            session.count_held_in(Arc::clone(&self.held_total));
-            session.count_history_in(Arc::clone(&self.history_total));
-            let epoch = self.next_epoch;
-            self.next_epoch += 1;
-            self.map.insert(
-                user.clone(),
-                Entry {
-                    session,
-                    timer_at: None,
-                    epoch,
-                },
-            );
-        }
-        if let Some(entry) = self.map.get_mut(&user) {
-            entry.session.apply(change, &limits, now);
-        }
+        // Journaling is off until `restored`: the replay itself records nothing.
+        self.entry_or_new(&user, now)
+            .session
+            .apply(change, &limits, now);
     }
 
     /// After the replay: seqs continue `gap` above the journal's, every bound of this
@@ -80,7 +65,6 @@ impl Sessions {
             );
         }
         self.journal_on();
-        self.records.clear();
     }
 
     /// Every user with a session: what a snapshot goes through.
