@@ -97,7 +97,8 @@ start_mock() { # port
 start_straycat() { # port mock-port
     on "$CORE_SERVER" 1 "$BIN/straycat" --listen "$HOST:$1" --agent openai \
         --openai-url "http://$HOST:$2/v1" --openai-model m --openai-max-concurrent "$USERS" \
-        --log-level warn 2>>"$LOG" &
+        --log-level warn --max-messages-per-minute 0 --max-connections-per-ip 0 \
+        --max-connects-per-minute-per-ip 0 2>>"$LOG" &
     SPID=$!
     wait_listen "$1"
 }

@@ -46,7 +46,7 @@ SPID=""
 
 server_cmd() { # name port
     case $1 in
-    straycat) echo "target/release/straycat --listen $HOST:$2 --raw-echo --log-level warn --max-connections 11000 --max-sessions 11000" ;;
+    straycat) echo "target/release/straycat --listen $HOST:$2 --raw-echo --log-level warn --max-connections 11000 --max-sessions 11000 --max-connections-per-ip 0 --max-connects-per-minute-per-ip 0 --max-messages-per-minute 0" ;;
     tt) echo "$TT --listen $HOST:$2 --nodelay" ;;
     tt-nagle) echo "$TT --listen $HOST:$2" ;;
     lws) echo "$LWS $2" ;;

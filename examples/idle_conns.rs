@@ -4,7 +4,8 @@
 //! ```text
 //! cargo build --release
 //! ulimit -n 20000
-//! target/release/straycat --listen 127.0.0.1:1865 --max-connections 11000 &
+//! target/release/straycat --listen 127.0.0.1:1865 --max-connections 11000 \
+//!     --max-connections-per-ip 0 --max-connects-per-minute-per-ip 0 &
 //! cargo run --release --example idle_conns -- --pid $! --n 10000
 //! ```
 //!

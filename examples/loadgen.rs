@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! cargo build --release --example loadgen
-//! target/release/straycat --listen 127.0.0.1:1865 --raw-echo --log-level warn &
+//! target/release/straycat --listen 127.0.0.1:1865 --raw-echo --log-level warn \
+//!     --max-messages-per-minute 0 --max-connections-per-ip 0 --max-connects-per-minute-per-ip 0 &
 //! target/release/examples/loadgen echo  --addr 127.0.0.1:1865 --pid $! --conns 50 --inflight 8 --size 1024 --secs 3
 //! target/release/examples/loadgen rtt   --addr 127.0.0.1:1865 --pid $!
 //! target/release/examples/loadgen churn --addr 127.0.0.1:1865 --pid $! --conns 32 --secs 3

@@ -85,6 +85,13 @@ fn start(o: &Opts) -> Result<(Server, Duration), String> {
             &o.dir,
             "--max-sessions",
             &o.users.max(1).to_string(),
+            // One client process on 127.0.0.1 plays every user, as fast as it can.
+            "--max-messages-per-minute",
+            "0",
+            "--max-connections-per-ip",
+            "0",
+            "--max-connects-per-minute-per-ip",
+            "0",
         ])
         .stderr(Stdio::piped())
         .stdout(Stdio::null())

@@ -2,6 +2,7 @@
 //! (a chat upgrade, the raw echo, health, or a refusal), and build the responses.
 //! Pure functions over bytes; the connection code does the I/O.
 
+use crate::auth::{self, Secret};
 use crate::protocol::UserId;
 
 /// Largest request head accepted; a browser's upgrade request is well under 2 KiB.
@@ -40,6 +41,111 @@ pub struct Request {
     pub credential: Option<String>,
     /// `Accept` asked for JSON and not for HTML (a Cat client, not a browser).
     pub wants_json: bool,
+    /// `Host`, as sent.
+    pub host: Option<String>,
+    /// `Origin`, as sent (browsers send it on upgrades and on cross-site requests).
+    pub origin: Option<String>,
+}
+
+impl Request {
+    /// The request target for a log line, with the value of any `token` in the query
+    /// replaced: the log must not hand out credentials.
+    pub fn logged_target(&self) -> String {
+        if self.query.is_empty() {
+            return self.path.clone();
+        }
+        let query: Vec<String> = self
+            .query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) if is_secret_param(k) => format!("{k}=<redacted>"),
+                _ => pair.to_string(),
+            })
+            .collect();
+        format!("{}?{}", self.path, query.join("&"))
+    }
+}
+
+/// Query parameters that carry credentials.
+fn is_secret_param(name: &str) -> bool {
+    matches!(
+        name.to_ascii_lowercase().as_str(),
+        "token" | "access_token" | "api_key" | "key"
+    )
+}
+
+/// Who may do what: the credentials and Origins the server accepts, and the time tokens
+/// are checked at.
+#[derive(Clone, Copy, Debug)]
+pub struct Access<'a> {
+    /// `--api-key`.
+    pub api_key: Option<&'a str>,
+    /// `--jwt-secret`.
+    pub jwt: Option<&'a Secret>,
+    /// `--allowed-origins` (lower case; `*` allows any).
+    pub origins: &'a [String],
+    /// Unix seconds now, for tokens' `exp` and `nbf`.
+    pub now_unix: u64,
+}
+
+impl Access<'_> {
+    /// No credential needed, any Origin.
+    #[cfg(test)]
+    pub const OPEN: Access<'static> = Access {
+        api_key: None,
+        jwt: None,
+        origins: &[],
+        now_unix: 0,
+    };
+
+    /// The user a request for `asked` (the user in the path or the `user_id` header, if
+    /// any) is served as, given the `token` it carries; else the refusal's reason.
+    fn user(&self, asked: Option<UserId>, token: Option<&str>) -> Result<UserId, String> {
+        let by_key = || asked.clone().unwrap_or_else(UserId::default_user);
+        if self.api_key.is_none() && self.jwt.is_none() {
+            return Ok(by_key());
+        }
+        let Some(token) = token else {
+            return Err("missing token".into());
+        };
+        if self.api_key.is_some() && key_ok(self.api_key, Some(token)) {
+            return Ok(by_key());
+        }
+        let Some(secret) = self.jwt else {
+            return Err("wrong token".into());
+        };
+        match auth::verify(token, secret, self.now_unix) {
+            Ok(user) if asked.as_ref().is_none_or(|a| *a == user) => Ok(user),
+            Ok(user) => Err(format!("the token is for user {user}, not this one")),
+            // A wrong API key reads as a malformed token: say both.
+            Err(auth::TokenError::Malformed(_)) if self.api_key.is_some() => {
+                Err("wrong token (neither the API key nor a valid signed token)".into())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Whether a browser on `origin` may use this server reached as `host`. No Origin (not
+    /// a browser) and the server's own (the page it serves) always may.
+    fn origin_ok(&self, origin: Option<&str>, host: Option<&str>) -> bool {
+        let Some(origin) = origin else { return true };
+        let origin = origin.trim().trim_end_matches('/').to_ascii_lowercase();
+        if self.origins.iter().any(|o| o == "*" || *o == origin) {
+            return true;
+        }
+        let Some((scheme, authority)) = origin.split_once("://") else {
+            return false;
+        };
+        let Some(host) = host else { return false };
+        let default_port = match scheme {
+            "http" => ":80",
+            "https" => ":443",
+            _ => return false,
+        };
+        let host = host.trim().to_ascii_lowercase();
+        let strip = |a: &str| a.strip_suffix(default_port).unwrap_or(a).to_string();
+        strip(authority) == strip(&host)
+    }
 }
 
 /// Result of looking at the bytes received so far.
@@ -103,6 +209,10 @@ pub fn parse_head(buf: &[u8]) -> Head {
                         value.contains("application/json") && !value.contains("text/html");
                 } else if h.name.eq_ignore_ascii_case("access_token") {
                     out.credential = Some(value.to_string());
+                } else if h.name.eq_ignore_ascii_case("host") {
+                    out.host = Some(value.to_string());
+                } else if h.name.eq_ignore_ascii_case("origin") {
+                    out.origin = Some(value.to_string());
                 }
             }
             Head::Complete(out, len)
@@ -157,8 +267,9 @@ pub enum Api {
     Message,
 }
 
-/// Decides what `req` gets. `api_key` is `--api-key`; `raw_echo` whether `/echo` is served.
-pub fn route(req: &Request, api_key: Option<&str>, raw_echo: bool) -> Route {
+/// Decides what `req` gets, given who may do what; `raw_echo`: whether `/echo` is served.
+pub fn route(req: &Request, access: &Access<'_>, raw_echo: bool) -> Route {
+    let api_key = access.api_key;
     // The Python client asks for the history with a trailing slash (the Cat redirects it).
     let path = match req.path.strip_suffix('/') {
         Some(p) if !p.is_empty() => p,
@@ -171,24 +282,25 @@ pub fn route(req: &Request, api_key: Option<&str>, raw_echo: bool) -> Route {
         _ => None,
     };
     if let Some(api) = api {
-        return route_api(req, api, api_key);
+        return route_api(req, api, access);
     }
     if req.method != "GET" {
         return Route::Refuse(405, format!("method {} not allowed", req.method));
     }
-    let user = if req.path == "/ws" {
-        Some(UserId::default_user())
+    // `/ws`: the token's user, or the default one; `/ws/{id}`: that one.
+    let (chat, asked) = if req.path == "/ws" {
+        (true, None)
     } else if let Some(raw) = req.path.strip_prefix("/ws/") {
         match percent_decode(raw).as_deref().and_then(UserId::parse) {
-            Some(u) => Some(u),
+            Some(u) => (true, Some(u)),
             None => {
                 return Route::Refuse(400, format!("invalid user id: {USER_ID_RULE}"));
             }
         }
     } else {
-        None
+        (false, None)
     };
-    let wants_ws = user.is_some() || (raw_echo && req.path == "/echo");
+    let wants_ws = chat || (raw_echo && req.path == "/echo");
     if !wants_ws {
         return match req.path.as_str() {
             "/health" => Route::Health,
@@ -213,9 +325,13 @@ pub fn route(req: &Request, api_key: Option<&str>, raw_echo: bool) -> Route {
     if !req.ws_key.as_deref().is_some_and(valid_key) {
         return Route::Refuse(400, "missing or malformed Sec-WebSocket-Key".into());
     }
-    let Some(user) = user else {
+    // Cross-site WebSocket hijacking: a page elsewhere must not open a kiosk's socket.
+    if !access.origin_ok(req.origin.as_deref(), req.host.as_deref()) {
+        return Route::Refuse(403, "Origin not allowed (--allowed-origins)".into());
+    }
+    if !chat {
         return Route::Echo;
-    };
+    }
     let mut token = None;
     let mut since = None;
     for pair in req.query.split('&').filter(|p| !p.is_empty()) {
@@ -235,34 +351,39 @@ pub fn route(req: &Request, api_key: Option<&str>, raw_echo: bool) -> Route {
             _ => {}
         }
     }
-    if !key_ok(api_key, token.as_deref()) {
-        return Route::Refuse(403, "missing or wrong token".into());
+    match access.user(asked, token.as_deref()) {
+        Ok(user) => Route::Chat(ChatTarget { user, since }),
+        Err(why) => Route::Refuse(403, why),
     }
-    Route::Chat(ChatTarget { user, since })
 }
 
 /// The user and the credential of a Cheshire Cat HTTP API call: the user from the
 /// `user_id` header (`user` without one), the key from `?token=`, `access_token` or
 /// `Authorization: Bearer`, as the Cat's clients send them.
-fn route_api(req: &Request, api: Api, api_key: Option<&str>) -> Route {
-    let user = match req.user_id.as_deref() {
-        None => UserId::default_user(),
+fn route_api(req: &Request, api: Api, access: &Access<'_>) -> Route {
+    let asked = match req.user_id.as_deref() {
+        None => None,
         Some(raw) => match UserId::parse(raw) {
-            Some(u) => u,
+            Some(u) => Some(u),
             None => {
                 return Route::Refuse(400, format!("invalid user_id: {USER_ID_RULE}"));
             }
         },
     };
+    // A form on another site can POST without a preflight: the same Origin rule as sockets.
+    if !access.origin_ok(req.origin.as_deref(), req.host.as_deref()) {
+        return Route::Refuse(403, "Origin not allowed (--allowed-origins)".into());
+    }
     let token = req
         .query
         .split('&')
         .find_map(|p| p.strip_prefix("token="))
         .and_then(percent_decode)
         .or_else(|| req.credential.clone());
-    if !key_ok(api_key, token.as_deref()) {
-        return Route::Refuse(403, "missing or wrong token".into());
-    }
+    let user = match access.user(asked, token.as_deref()) {
+        Ok(user) => user,
+        Err(why) => return Route::Refuse(403, why),
+    };
     if api == Api::Message {
         if req.transfer_encoding {
             return Route::Refuse(411, "send the message with a Content-Length".into());
@@ -358,6 +479,24 @@ pub fn response(status: u16, content_type: &str, body: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// A 429 with a one-line body, telling the client when to try again (RFC 6585 §4).
+pub fn too_many(why: &str, retry_after: std::time::Duration) -> Vec<u8> {
+    with_retry_after(refusal(429, why), retry_after)
+}
+
+/// `response` with a `Retry-After` header (whole seconds, rounded up, at least 1).
+pub fn with_retry_after(mut response: Vec<u8>, wait: std::time::Duration) -> Vec<u8> {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    // Behind the status line, which every response here has.
+    let at = response
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .map_or(0, |i| i + 2);
+    let header = format!("Retry-After: {}\r\n", secs.max(1));
+    response.splice(at..at, header.into_bytes());
+    response
+}
+
 /// A refusal with a one-line plain-text body.
 pub fn refusal(status: u16, why: &str) -> Vec<u8> {
     response(status, "text/plain; charset=utf-8", &format!("{why}\n"))
@@ -368,6 +507,13 @@ mod tests {
     use super::*;
 
     const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    fn key(k: &'static str) -> Access<'static> {
+        Access {
+            api_key: Some(k),
+            ..Access::OPEN
+        }
+    }
 
     fn upgrade(path: &str) -> Request {
         let raw = format!(
@@ -396,67 +542,77 @@ mod tests {
     #[test]
     fn routes() {
         assert_eq!(
-            route(&upgrade("/ws"), None, false),
+            route(&upgrade("/ws"), &Access::OPEN, false),
             Route::Chat(ChatTarget {
                 user: UserId::default_user(),
                 since: None
             })
         );
         assert_eq!(
-            route(&upgrade("/ws/al%40ice?since=5&x=1"), None, false),
+            route(&upgrade("/ws/al%40ice?since=5&x=1"), &Access::OPEN, false),
             Route::Chat(ChatTarget {
                 user: UserId::parse("al@ice").unwrap(),
                 since: Some(5)
             })
         );
         assert!(matches!(
-            route(&upgrade("/ws/a%20b"), None, false),
+            route(&upgrade("/ws/a%20b"), &Access::OPEN, false),
             Route::Refuse(400, _)
         ));
         assert!(matches!(
-            route(&upgrade("/ws/a?since=x"), None, false),
+            route(&upgrade("/ws/a?since=x"), &Access::OPEN, false),
             Route::Refuse(400, _)
         ));
         assert!(matches!(
-            route(&upgrade("/ws/a?since=18446744073709551615"), None, false),
+            route(
+                &upgrade("/ws/a?since=18446744073709551615"),
+                &Access::OPEN,
+                false
+            ),
             Route::Refuse(400, _)
         ));
         assert!(matches!(
-            route(&upgrade("/ws/%zz"), None, false),
+            route(&upgrade("/ws/%zz"), &Access::OPEN, false),
             Route::Refuse(400, _)
         ));
         assert!(matches!(
-            route(&upgrade("/echo"), None, false),
+            route(&upgrade("/echo"), &Access::OPEN, false),
             Route::Refuse(404, _)
         ));
-        assert_eq!(route(&upgrade("/echo"), Some("k"), true), Route::Echo);
+        assert_eq!(route(&upgrade("/echo"), &key("k"), true), Route::Echo);
         assert!(matches!(
-            route(&upgrade("/nope"), None, true),
+            route(&upgrade("/nope"), &Access::OPEN, true),
             Route::Refuse(404, _)
         ));
         let mut post = upgrade("/ws");
         post.method = "POST".into();
-        assert!(matches!(route(&post, None, false), Route::Refuse(405, _)));
+        assert!(matches!(
+            route(&post, &Access::OPEN, false),
+            Route::Refuse(405, _)
+        ));
         let mut plain = upgrade("/health");
         plain.upgrade_websocket = false;
-        assert_eq!(route(&plain, None, false), Route::Health);
+        assert_eq!(route(&plain, &Access::OPEN, false), Route::Health);
         let mut old = upgrade("/ws");
         old.ws_version = Some("8".into());
-        assert!(matches!(route(&old, None, false), Route::Refuse(426, _)));
+        assert!(matches!(
+            route(&old, &Access::OPEN, false),
+            Route::Refuse(426, _)
+        ));
     }
 
     #[test]
     fn api_key() {
         assert!(matches!(
-            route(&upgrade("/ws"), Some("s3cret"), false),
+            route(&upgrade("/ws"), &key("s3cret"), false),
             Route::Refuse(403, _)
         ));
         assert!(matches!(
-            route(&upgrade("/ws?token=nope"), Some("s3cret"), false),
+            route(&upgrade("/ws?token=nope"), &key("s3cret"), false),
             Route::Refuse(403, _)
         ));
         assert!(matches!(
-            route(&upgrade("/ws/bob?token=s3cret"), Some("s3cret"), false),
+            route(&upgrade("/ws/bob?token=s3cret"), &key("s3cret"), false),
             Route::Chat(_)
         ));
         assert!(constant_time_eq(b"abc", b"abc"));
@@ -464,26 +620,170 @@ mod tests {
         assert!(!constant_time_eq(b"abc", b"ab"));
     }
 
+    const NOW: u64 = 1_800_000_000;
+
+    fn with_origin(path: &str, origin: &str) -> Request {
+        Request {
+            origin: Some(origin.into()),
+            ..upgrade(path)
+        }
+    }
+
+    #[test]
+    fn signed_tokens_name_the_user() {
+        let secret = Secret::new("0123456789abcdef0123456789abcdef");
+        let jwt = Access {
+            jwt: Some(&secret),
+            now_unix: NOW,
+            ..Access::OPEN
+        };
+        let bob = UserId::parse("bob").unwrap();
+        let token = auth::sign(&bob, &secret, NOW, 60);
+        let chat = |path: &str, access: &Access<'_>| route(&upgrade(path), access, false);
+        assert_eq!(
+            chat(&format!("/ws?token={token}"), &jwt),
+            Route::Chat(ChatTarget {
+                user: bob.clone(),
+                since: None
+            })
+        );
+        assert!(matches!(
+            chat(&format!("/ws/bob?token={token}"), &jwt),
+            Route::Chat(_)
+        ));
+        let Route::Refuse(403, why) = chat(&format!("/ws/alice?token={token}"), &jwt) else {
+            panic!("another user's token was taken");
+        };
+        assert!(why.contains("for user bob"), "{why}");
+        assert_eq!(
+            chat("/ws/bob", &jwt),
+            Route::Refuse(403, "missing token".into())
+        );
+        let late = Access {
+            now_unix: NOW + 3600,
+            ..jwt
+        };
+        assert_eq!(
+            chat(&format!("/ws?token={token}"), &late),
+            Route::Refuse(403, "token expired".into())
+        );
+        // Either credential, with both set: the key keeps its meaning (the user of the path).
+        let both = Access {
+            api_key: Some("k3y"),
+            ..jwt
+        };
+        assert!(
+            matches!(chat("/ws/alice?token=k3y", &both), Route::Chat(t) if t.user.as_str() == "alice")
+        );
+        assert!(
+            matches!(chat(&format!("/ws?token={token}"), &both), Route::Chat(t) if t.user == bob)
+        );
+        assert!(matches!(
+            chat("/ws/alice?token=nope", &both),
+            Route::Refuse(403, _)
+        ));
+        // The HTTP API: the token's user, which a user_id header must not contradict.
+        let api = |user_id: Option<&str>| {
+            let mut r = upgrade("/memory/conversation_history");
+            r.credential = Some(token.clone());
+            r.user_id = user_id.map(Into::into);
+            route(&r, &jwt, false)
+        };
+        assert_eq!(api(None), Route::Api(Api::History, bob.clone()));
+        assert_eq!(api(Some("bob")), Route::Api(Api::History, bob.clone()));
+        assert!(matches!(api(Some("alice")), Route::Refuse(403, _)));
+    }
+
+    #[test]
+    fn foreign_origins_are_refused() {
+        let open = Access::OPEN;
+        let own = |origin: &str, host: &str| {
+            let mut r = with_origin("/ws", origin);
+            r.host = Some(host.into());
+            route(&r, &open, false)
+        };
+        assert!(matches!(
+            own("http://kiosk.local:1865", "kiosk.local:1865"),
+            Route::Chat(_)
+        ));
+        assert!(matches!(
+            own("HTTPS://Kiosk.local", "kiosk.local:443"),
+            Route::Chat(_)
+        ));
+        assert!(matches!(
+            own("http://kiosk.local", "kiosk.local"),
+            Route::Chat(_)
+        ));
+        assert!(matches!(
+            own("http://evil.example", "kiosk.local:1865"),
+            Route::Refuse(403, _)
+        ));
+        assert!(matches!(
+            own("http://kiosk.local:8080", "kiosk.local:1865"),
+            Route::Refuse(403, _)
+        ));
+        assert!(matches!(
+            own("null", "kiosk.local:1865"),
+            Route::Refuse(403, _)
+        ));
+        let listed = ["https://admin.example".to_string()];
+        let some = Access {
+            origins: &listed,
+            ..Access::OPEN
+        };
+        assert!(matches!(
+            route(&with_origin("/ws", "https://admin.example/"), &some, false),
+            Route::Chat(_)
+        ));
+        assert!(matches!(
+            route(&with_origin("/ws", "https://other.example"), &some, false),
+            Route::Refuse(403, _)
+        ));
+        let any = ["*".to_string()];
+        let any = Access {
+            origins: &any,
+            ..Access::OPEN
+        };
+        assert!(matches!(
+            route(&with_origin("/ws", "null"), &any, false),
+            Route::Chat(_)
+        ));
+        let mut post = with_origin("/message", "http://evil.example");
+        post.method = "POST".into();
+        post.content_length = Some(10);
+        assert!(matches!(route(&post, &open, false), Route::Refuse(403, _)));
+    }
+
+    #[test]
+    fn tokens_are_not_logged() {
+        let r = upgrade("/ws/bob?since=3&token=s3cret&Access_Token=x");
+        assert_eq!(
+            r.logged_target(),
+            "/ws/bob?since=3&token=<redacted>&Access_Token=<redacted>"
+        );
+        assert_eq!(upgrade("/ws").logged_target(), "/ws");
+    }
+
     #[test]
     fn metrics_route_and_its_key() {
         let mut get = upgrade("/metrics");
         get.upgrade_websocket = false;
         assert_eq!(
-            route(&get, None, false),
+            route(&get, &Access::OPEN, false),
             Route::Metrics { authorized: true }
         );
         assert_eq!(
-            route(&get, Some("s3cret"), false),
+            route(&get, &key("s3cret"), false),
             Route::Metrics { authorized: false }
         );
         get.credential = Some("nope".into());
         assert_eq!(
-            route(&get, Some("s3cret"), false),
+            route(&get, &key("s3cret"), false),
             Route::Metrics { authorized: false }
         );
         get.credential = Some("s3cret".into());
         assert_eq!(
-            route(&get, Some("s3cret"), false),
+            route(&get, &key("s3cret"), false),
             Route::Metrics { authorized: true }
         );
         let head = b"GET /metrics HTTP/1.1\r\nAuthorization: Bearer s3cret\r\n\r\n";
@@ -491,7 +791,7 @@ mod tests {
             panic!("not parsed");
         };
         assert_eq!(
-            route(&req, Some("s3cret"), false),
+            route(&req, &key("s3cret"), false),
             Route::Metrics { authorized: true }
         );
         let r = String::from_utf8(refusal(401, "no")).unwrap();

@@ -5,6 +5,8 @@
 //! - [`config`]: every option, its default and its `STRAYCAT_*` variable, each written once
 //!   (`config/opts.rs`).
 //! - `protocol`: the wire format: user ids, client messages, the JSON frames sent back.
+//! - [`auth`]: signed per-user tokens (JWT HS256, `--jwt-secret`), pure.
+//! - `limits`: the rate limits' token bucket and the per-address table, pure.
 //! - `http`: the request head: parsing, routing, HTTP answers.
 //! - `page`: the chat page served at `/` (`page/index.html`, embedded in the binary).
 //! - `session`: a user's conversation (`session/mod.rs`) and the session table
@@ -33,9 +35,11 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod auth;
 pub mod config;
 mod conn;
 mod http;
+mod limits;
 pub mod logging;
 mod metrics;
 mod page;

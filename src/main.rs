@@ -21,6 +21,18 @@ fn main() -> ExitCode {
             println!("straycat {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
+        Ok(Command::Token {
+            user,
+            ttl_secs,
+            secret,
+        }) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let secret = straycat::auth::Secret::new(&secret);
+            println!("{}", straycat::auth::sign(&user, &secret, now, ttl_secs));
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
             eprintln!("straycat: {e}");
             return ExitCode::from(2);

@@ -116,6 +116,8 @@ pub enum ErrorName {
     Timeout,
     /// Frames the client asked for are no longer held.
     ResumeGap,
+    /// The user sent more messages than `--max-messages-per-minute`; this one was not run.
+    RateLimited,
 }
 
 impl ErrorName {
@@ -127,6 +129,7 @@ impl ErrorName {
             ErrorName::AgentError => "AgentError",
             ErrorName::Timeout => "Timeout",
             ErrorName::ResumeGap => "ResumeGap",
+            ErrorName::RateLimited => "RateLimited",
         }
     }
 }

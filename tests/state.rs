@@ -563,7 +563,17 @@ fn segments_bytes(dir: &Path) -> u64 {
 #[test]
 fn compaction_keeps_the_dir_bounded() {
     let dir = fresh_dir("compact");
-    let server = start(&dir, &["--max-held-frames", "4", "--history-turns", "2"]);
+    let server = start(
+        &dir,
+        &[
+            "--max-held-frames",
+            "4",
+            "--history-turns",
+            "2",
+            "--max-messages-per-minute",
+            "0",
+        ],
+    );
     let mut c = server.connect("kim", "");
     let text = "many words ".repeat(400);
     let mut last = Vec::new();

@@ -33,6 +33,18 @@ pub struct Config {
     pub max_buffered_bytes: usize,
     /// Shared secret every `/ws` upgrade must carry as `?token=`; `None` disables auth.
     pub api_key: Option<String>,
+    /// The secret of signed per-user tokens (JWT HS256), which `?token=` may carry instead
+    /// of the API key; `None`: no tokens.
+    pub jwt_secret: Option<String>,
+    /// Browser `Origin`s allowed to open sockets and call the API besides the page's own
+    /// (lower case, no trailing `/`); `*` allows any.
+    pub allowed_origins: Vec<String>,
+    /// Messages a user may send a minute (token bucket); 0: no limit.
+    pub max_messages_per_minute: u32,
+    /// WebSocket upgrades a client address may ask for a minute; 0: no limit.
+    pub max_connects_per_minute_per_ip: u32,
+    /// Connections a client address may have open at once; 0: no limit.
+    pub max_connections_per_ip: u32,
     /// How long a session with no socket and no work is kept.
     pub session_ttl: Duration,
     /// Conversation turns (a user message and its reply) kept per session for the agent.
@@ -121,6 +133,11 @@ impl Default for Config {
             max_connections: 1024,
             max_buffered_bytes: 1024 * 1024,
             api_key: None,
+            jwt_secret: None,
+            allowed_origins: Vec::new(),
+            max_messages_per_minute: 30,
+            max_connects_per_minute_per_ip: 600,
+            max_connections_per_ip: 256,
             session_ttl: Duration::from_secs(3600),
             history_turns: 20,
             max_held_frames: 256,
@@ -159,6 +176,16 @@ pub enum Command {
     Help,
     /// Print the version and exit 0.
     Version,
+    /// `straycat token --user ID --ttl-secs N`: print a token for `user`, signed with the
+    /// `--jwt-secret` (or `STRAYCAT_JWT_SECRET`), valid for `ttl_secs`.
+    Token {
+        /// Whom the token is for.
+        user: crate::UserId,
+        /// How long it is valid from now.
+        ttl_secs: u64,
+        /// The secret it is signed with.
+        secret: String,
+    },
 }
 
 /// A bad option or value: printed as one line, exit code 2.
@@ -198,6 +225,8 @@ pub fn help_text() -> String {
     }
     out.push_str("  -h, --help                     print this help\n");
     out.push_str("  -V, --version                  print the version\n");
+    out.push_str("\n");
+    out.push_str(TOKEN_USAGE);
     out
 }
 
@@ -209,6 +238,11 @@ where
     I: IntoIterator<Item = String>,
     E: Fn(&str) -> Option<String>,
 {
+    let mut args = args.into_iter().peekable();
+    if args.peek().is_some_and(|a| a == "token") {
+        args.next();
+        return parse_token(args, env);
+    }
     let mut cfg = Config::default();
     for opt in OPTS {
         let var = env_name(opt.name);
@@ -222,7 +256,6 @@ where
             )?;
         }
     }
-    let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "-h" | "--help" => return Ok(Command::Help),
@@ -266,6 +299,64 @@ where
     }
     check_agent(&cfg)?;
     Ok(Command::Run(Box::new(cfg)))
+}
+
+/// The help of `straycat token`.
+pub const TOKEN_USAGE: &str = "Usage: straycat token --user ID --ttl-secs N [--jwt-secret SECRET]\n\n\
+Prints a token for user ID, valid for N seconds, signed with the --jwt-secret\n\
+(or STRAYCAT_JWT_SECRET) the server runs with. A kiosk opens /ws?token=TOKEN.\n";
+
+/// `straycat token …`: its options, and the secret from the command line or `env`.
+fn parse_token<I, E>(args: I, env: E) -> Result<Command, ConfigError>
+where
+    I: Iterator<Item = String>,
+    E: Fn(&str) -> Option<String>,
+{
+    let (mut user, mut ttl, mut secret) = (None, None, env(&env_name("jwt-secret")));
+    let mut args = args.peekable();
+    while let Some(arg) = args.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) => (n.to_string(), Some(v.to_string())),
+            None => (arg, None),
+        };
+        if name == "-h" || name == "--help" {
+            return Ok(Command::Help);
+        }
+        let Some(value) = inline.or_else(|| args.next()) else {
+            return Err(ConfigError(format!("token: option '{name}' needs a value")));
+        };
+        match name.as_str() {
+            "--user" => match crate::UserId::parse(&value) {
+                Some(u) => user = Some(u),
+                None => {
+                    return Err(ConfigError(format!(
+                        "token: invalid user id '{value}': 1-64 characters of A-Z a-z 0-9 _ . @ -"
+                    )));
+                }
+            },
+            "--ttl-secs" => {
+                let v = Value {
+                    text: &value,
+                    origin: "--ttl-secs",
+                };
+                ttl = Some(v.secs(1)?.as_secs());
+            }
+            "--jwt-secret" => secret = Some(value),
+            _ => {
+                return Err(ConfigError(format!(
+                    "token: unknown option '{name}'\n{TOKEN_USAGE}"
+                )));
+            }
+        }
+    }
+    let missing = |what: &str| ConfigError(format!("token: {what} is needed\n{TOKEN_USAGE}"));
+    Ok(Command::Token {
+        user: user.ok_or_else(|| missing("--user"))?,
+        ttl_secs: ttl.ok_or_else(|| missing("--ttl-secs"))?,
+        secret: secret
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| missing("--jwt-secret or STRAYCAT_JWT_SECRET"))?,
+    })
 }
 
 /// What the chosen agent cannot do without.

@@ -66,6 +66,14 @@ impl Value<'_> {
         }
     }
 
+    /// A count that fits the rate limiters (0 turns the limit off).
+    pub(super) fn per_minute(&self) -> Result<u32, ConfigError> {
+        match u32::try_from(self.count(0)?) {
+            Ok(n) if n <= 1_000_000 => Ok(n),
+            _ => Err(self.bad("must be at most 1000000")),
+        }
+    }
+
     pub(super) fn size(&self, min: u64) -> Result<usize, ConfigError> {
         // Past usize (32-bit boards) a limit is as good as none.
         self.count(min)
@@ -203,6 +211,49 @@ pub(super) const OPTS: &[Opt] = &[
             Ok(())
         },
         show: |c| c.api_key.clone().unwrap_or_default(),
+    },
+    Opt {
+        name: "jwt-secret",
+        value: "SECRET",
+        help: "accept signed per-user tokens (JWT, HS256) as ?token=; the user is the token's sub",
+        set: |c, v| v.optional_into(&mut c.jwt_secret),
+        show: |c| c.jwt_secret.clone().unwrap_or_default(),
+    },
+    Opt {
+        name: "allowed-origins",
+        value: "LIST",
+        help: "browser Origins allowed besides the page's own, comma-separated (*: any; others: 403)",
+        set: |c, v| {
+            c.allowed_origins = v
+                .text
+                .split(',')
+                .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
+                .filter(|o| !o.is_empty())
+                .collect();
+            Ok(())
+        },
+        show: |c| c.allowed_origins.join(","),
+    },
+    Opt {
+        name: "max-messages-per-minute",
+        value: "N",
+        help: "messages a user may send a minute (a minute's worth at once); past it: error RateLimited; 0: no limit",
+        set: |c, v| v.per_minute().map(|n| c.max_messages_per_minute = n),
+        show: |c| c.max_messages_per_minute.to_string(),
+    },
+    Opt {
+        name: "max-connects-per-minute-per-ip",
+        value: "N",
+        help: "WebSocket upgrades a client address may ask for a minute; past it: HTTP 429; 0: no limit",
+        set: |c, v| v.per_minute().map(|n| c.max_connects_per_minute_per_ip = n),
+        show: |c| c.max_connects_per_minute_per_ip.to_string(),
+    },
+    Opt {
+        name: "max-connections-per-ip",
+        value: "N",
+        help: "connections one client address may have open; past it: HTTP 429; 0: no limit",
+        set: |c, v| v.per_minute().map(|n| c.max_connections_per_ip = n),
+        show: |c| c.max_connections_per_ip.to_string(),
     },
     Opt {
         name: "session-ttl-secs",

@@ -4,7 +4,8 @@
 use super::timers::TimerKey;
 use super::{Server, Slot};
 use crate::conn::{Conn, ConnId, HeadRead, Heartbeat, Kind, Stage, Upgrade};
-use crate::http::{self, Route};
+use crate::http::{self, Access, Route};
+use crate::limits::{Client, Refused};
 use crate::metrics;
 use crate::page;
 use log::{debug, error, info, warn};
@@ -20,6 +21,9 @@ const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Connections over the cap kept just long enough to be told 503 (beyond: dropped unread).
 const REFUSAL_SLACK: usize = 64;
+
+/// What a client at `--max-connections-per-ip` is told to wait (`Retry-After`).
+const RETRY_OPEN: Duration = Duration::from_secs(5);
 
 /// Pause before accepting again after the process ran out of file descriptors; without it
 /// an edge-triggered listener with a pending connection would spin the CPU.
@@ -64,30 +68,48 @@ impl Server {
         let now = self.now.mono;
         let _ = stream.set_nodelay(true);
         let live = self.conns.len() - self.refusing;
-        let over_cap = live >= self.config.max_connections;
-        if over_cap && self.refusing >= REFUSAL_SLACK {
-            warn!(
-                "user=- peer={peer} refused: connection cap {} reached",
-                self.config.max_connections
-            );
-            self.metrics.refused(503);
-            let _ = stream.write(&http::refusal(503, "too many connections"));
+        // The connection cap first, then the client's own share of it.
+        let refusal = if live >= self.config.max_connections {
+            Some((
+                http::refusal(503, "too many connections"),
+                503,
+                format!("connection cap {} reached", self.config.max_connections),
+            ))
+        } else {
+            match self.per_client.open(Client::of(peer.ip()), now) {
+                Ok(()) => None,
+                Err(_) => Some((
+                    http::too_many("too many connections from your address", RETRY_OPEN),
+                    429,
+                    format!(
+                        "{} connections open from this address (--max-connections-per-ip)",
+                        self.config.max_connections_per_ip
+                    ),
+                )),
+            }
+        };
+        if let Some((answer, status, why)) = &refusal
+            && self.refusing >= REFUSAL_SLACK
+        {
+            warn!("user=- peer={peer} refused: {why}");
+            self.metrics.refused(*status);
+            let _ = stream.write(answer);
             return;
         }
         let id = ConnId::new(self.conns.vacant_key(), self.next_generation);
         self.next_generation += 1;
-        let mut conn = if over_cap {
-            warn!(
-                "user=- peer={peer} refused with 503: connection cap {} reached",
-                self.config.max_connections
-            );
-            self.refusing += 1;
-            self.metrics.refused(503);
-            let answer = http::refusal(503, "too many connections");
-            Conn::refused(id, peer, stream, now + LINGER_TIMEOUT, answer)
-        } else {
-            debug!("user=- peer={peer} connected");
-            Conn::new(id, peer, stream, now + self.config.handshake_timeout)
+        let refused = refusal.is_some();
+        let mut conn = match refusal {
+            Some((answer, status, why)) => {
+                warn!("user=- peer={peer} refused with {status}: {why}");
+                self.refusing += 1;
+                self.metrics.refused(status);
+                Conn::refused(id, peer, stream, now + LINGER_TIMEOUT, answer)
+            }
+            None => {
+                debug!("user=- peer={peer} connected");
+                Conn::new(id, peer, stream, now + self.config.handshake_timeout)
+            }
         };
         let registered = match conn.stream_mut() {
             Some(s) => self.poll.registry().register(
@@ -99,8 +121,10 @@ impl Server {
         };
         if let Err(e) = registered {
             error!("user=- peer={peer} cannot register socket: {e}");
-            if over_cap {
+            if refused {
                 self.refusing -= 1;
+            } else {
+                self.per_client.close(Client::of(peer.ip()), now);
             }
             return;
         }
@@ -109,9 +133,10 @@ impl Server {
             conn,
             timer_at: None,
             queued_read: false,
+            per_client: !refused,
         });
         self.schedule_conn(id, at);
-        if over_cap {
+        if refused {
             self.on_writable(id);
         }
     }
@@ -172,7 +197,29 @@ impl Server {
                 self.refuse(id, 400, why);
             }
             HeadRead::Complete(req, rest) => {
-                let route = http::route(&req, self.config.api_key.as_deref(), self.config.raw_echo);
+                // Every upgrade attempt counts, refused ones too: guessing tokens is one.
+                if req.upgrade_websocket
+                    && let Err(Refused::Rate(wait)) = self
+                        .per_client
+                        .upgrade(Client::of(peer.ip()), self.now.mono)
+                {
+                    info!(
+                        "user=- peer={peer} GET {} refused with 429: more than {} upgrades a minute from this address",
+                        req.logged_target(),
+                        self.config.max_connects_per_minute_per_ip
+                    );
+                    self.metrics.refused(429);
+                    let answer = http::too_many("too many connection attempts", wait);
+                    self.answer(id, answer, None);
+                    return;
+                }
+                let access = Access {
+                    api_key: self.config.api_key.as_deref(),
+                    jwt: self.jwt.as_ref(),
+                    origins: &self.config.allowed_origins,
+                    now_unix: self.now.unix.max(0.0) as u64,
+                };
+                let route = http::route(&req, &access, self.config.raw_echo);
                 match route {
                     Route::Health => {
                         debug!("user=- peer={peer} GET /health");
@@ -214,7 +261,8 @@ impl Server {
                     Route::Refuse(status, why) => {
                         info!(
                             "user=- peer={peer} {} {} refused with {status}: {why}",
-                            req.method, req.path
+                            req.method,
+                            req.logged_target()
                         );
                         self.refuse(id, status, &why);
                     }

@@ -87,16 +87,19 @@ impl Server {
         let status = match (v["type"].as_str(), v["name"].as_str()) {
             (Some("chat"), _) => 200,
             (_, Some("InvalidMessage")) => 400,
-            (_, Some("Busy")) => 429,
+            (_, Some("Busy" | "RateLimited")) => 429,
             (_, Some("ResumeGap")) => 410,
             (_, Some("Timeout")) => 504,
             _ => 502,
         };
-        self.answer(
-            id,
-            http::response(status, "application/json", frame.text.as_str()),
-            None,
-        );
+        let mut answer = http::response(status, "application/json", frame.text.as_str());
+        if v["name"] == "RateLimited" {
+            // The bucket is empty: one message is allowed again after 60 s / the limit.
+            let per_minute = self.config.max_messages_per_minute.max(1);
+            let wait = std::time::Duration::from_secs(60).div_f64(f64::from(per_minute));
+            answer = http::with_retry_after(answer, wait);
+        }
+        self.answer(id, answer, None);
     }
 
     /// A waiting request hung up, or waited too long: its reply is only held.

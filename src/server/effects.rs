@@ -9,7 +9,7 @@ use crate::conn::{ConnId, Kind};
 use crate::metrics::Outcome;
 use crate::protocol::{ErrorName, parse_client_message};
 use crate::session::Effect;
-use log::{debug, error, info};
+use log::{debug, error, info, warn};
 use tungstenite::Message;
 use tungstenite::protocol::frame::coding::CloseCode;
 
@@ -98,6 +98,18 @@ impl Server {
                         self.cancel_task(&key);
                     }
                     Effect::Answer(id, frame) => self.answer_frame(id, frame),
+                    Effect::Flooding(id) => {
+                        let per_minute = self.config.max_messages_per_minute;
+                        if let Some(conn) = self.conn(id) {
+                            warn!(
+                                "user={} peer={} kept sending past --max-messages-per-minute ({}); closing with 1008",
+                                conn.user(),
+                                conn.peer(),
+                                per_minute
+                            );
+                        }
+                        self.close_conn(id, CloseCode::Policy, "message rate limit");
+                    }
                     Effect::Start(job) if self.tasks.is_some() => {
                         self.metrics.turn_started(job.key.turn_id, self.now.mono);
                         self.submit_task(job);

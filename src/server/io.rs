@@ -3,6 +3,7 @@
 
 use super::{Server, Slot, slot_in};
 use crate::conn::{ConnId, Stage, WsRead, WsWrite};
+use crate::limits::Client;
 use crate::session::Detached;
 use crate::session::Outgoing;
 use log::{debug, info, warn};
@@ -207,6 +208,10 @@ impl Server {
         let slot = self.conns.remove(id.slot());
         if slot.conn.is_refusing() {
             self.refusing = self.refusing.saturating_sub(1);
+        }
+        if slot.per_client {
+            self.per_client
+                .close(Client::of(slot.conn.peer().ip()), self.now.mono);
         }
         self.resume_accept();
     }

@@ -16,8 +16,10 @@ mod timers;
 
 use crate::agent::Backend;
 use crate::agent::pool::{Notifier, Pool};
+use crate::auth::Secret;
 use crate::config::Config;
 use crate::conn::{Conn, ConnId, READ_BUFFER_BYTES, Stage};
+use crate::limits::PerClient;
 use crate::metrics::{self, Gauges, Metrics, StateGauges};
 use crate::protocol::unix_now;
 use crate::session::{Effect, Limits, Now, Sessions, TableLimits};
@@ -95,6 +97,8 @@ struct Slot {
     timer_at: Option<Instant>,
     /// In `read_queue`.
     queued_read: bool,
+    /// Counted in `per_client` (to be uncounted when it goes).
+    per_client: bool,
 }
 
 /// The server: everything the event loop owns.
@@ -144,6 +148,10 @@ pub struct Server {
     store: Option<Store>,
     /// What `/metrics` shows (and the agent's part of `/health`).
     metrics: Metrics,
+    /// `--jwt-secret`, ready to verify tokens with.
+    jwt: Option<Secret>,
+    /// Open connections and upgrade attempts per client address.
+    per_client: PerClient,
 }
 
 impl Server {
@@ -183,6 +191,7 @@ impl Server {
                 max_held_bytes: config.max_held_bytes,
                 max_queued_turns: config.max_queued_turns,
                 turn_timeout: config.turn_timeout,
+                max_messages_per_minute: config.max_messages_per_minute,
             },
             ttl: config.session_ttl,
             max_sessions: config.max_sessions,
@@ -229,6 +238,16 @@ impl Server {
             watchdog: None,
             store: None,
             metrics: Metrics::new(agent_kind),
+            jwt: config.jwt_secret.as_deref().map(|s| {
+                if s.len() < 32 {
+                    warn!("--jwt-secret is shorter than 32 bytes: tokens signed with it can be guessed offline");
+                }
+                Secret::new(s)
+            }),
+            per_client: PerClient::new(
+                config.max_connections_per_ip,
+                config.max_connects_per_minute_per_ip,
+            ),
             config,
         })
     }

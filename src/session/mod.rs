@@ -11,6 +11,7 @@ pub use table::{Detached, Effect, SessionRef, Sessions, TableLimits};
 
 use crate::agent::{AgentError, CancelToken, HistoryEntry, Turn, Who};
 use crate::conn::ConnId;
+use crate::limits::Bucket;
 use crate::protocol::{ClientMessage, ErrorName, Held, UserId, encode_held, encode_token};
 use crate::store::Change;
 use log::warn;
@@ -34,6 +35,8 @@ pub struct Limits {
     pub max_queued_turns: usize,
     /// Longest a turn may run.
     pub turn_timeout: Duration,
+    /// Messages a minute (token bucket; 0: no limit).
+    pub max_messages_per_minute: u32,
 }
 
 /// The time, passed in so the logic never reads a clock.
@@ -94,6 +97,21 @@ pub enum Accepted {
     Busy(Outgoing),
     /// A resend of an answered message whose reply is no longer held: this error says so.
     ReplyGone(Outgoing),
+    /// Past `--max-messages-per-minute`: not run, this `RateLimited` error says so.
+    /// `flooding`: the client went on far past the limit without slowing down, so the
+    /// socket should go (each refusal is a held frame, and with a state dir a record).
+    RateLimited {
+        /// The error frame.
+        frame: Outgoing,
+        /// Refused messages in a row are past [`flood_after`].
+        flooding: bool,
+    },
+}
+
+/// Refused messages in a row after which a client counts as flooding: a minute's allowance
+/// (at least 10), so a client that backs off after a `RateLimited` never reaches it.
+pub fn flood_after(per_minute: u32) -> u32 {
+    per_minute.max(10)
 }
 
 /// One user's conversation, which outlives any socket.
@@ -118,6 +136,11 @@ pub struct Session {
     idle_since: Instant,
     /// With a state dir: the changes not yet taken by the session table for the journal.
     changes: Option<Vec<Change>>,
+    /// `--max-messages-per-minute`'s bucket, made at the first message (not kept across a
+    /// restart: a restart refills it).
+    rate: Option<Bucket>,
+    /// Messages refused by the rate limit since the last one taken.
+    refused_in_row: u32,
 }
 
 impl Session {
@@ -138,6 +161,8 @@ impl Session {
             ids: VecDeque::new(),
             idle_since: now,
             changes: None,
+            rate: None,
+            refused_in_row: 0,
         }
     }
 
@@ -288,6 +313,30 @@ impl Session {
                     }
                 },
             };
+        }
+        let per_minute = limits.max_messages_per_minute;
+        if per_minute > 0 {
+            let bucket = self
+                .rate
+                .get_or_insert_with(|| Bucket::full(per_minute, now.mono));
+            if let Err(wait) = bucket.take(per_minute, now.mono) {
+                self.refused_in_row = self.refused_in_row.saturating_add(1);
+                let why = format!(
+                    "more than {per_minute} messages a minute; this one was not run, send it again in {} s",
+                    wait.as_secs().max(1)
+                );
+                let id = msg.id.clone();
+                return Accepted::RateLimited {
+                    flooding: self.refused_in_row > flood_after(per_minute),
+                    frame: self.push(
+                        Held::Error(ErrorName::RateLimited, why),
+                        id.as_deref(),
+                        limits,
+                        now,
+                    ),
+                };
+            }
+            self.refused_in_row = 0;
         }
         if self.running.is_some() && self.queue.len() >= limits.max_queued_turns {
             let why = format!(

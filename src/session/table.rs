@@ -43,6 +43,8 @@ pub enum Effect {
     Cancel(TurnKey),
     /// Answer that HTTP request (`POST /message`) with this frame.
     Answer(ConnId, Outgoing),
+    /// Close that connection with 1008: it kept sending far past the message rate limit.
+    Flooding(ConnId),
 }
 
 /// What [`Sessions::detach`] found.
@@ -321,6 +323,12 @@ impl Sessions {
             Accepted::Resend(frame) => out.push(Effect::Send(conn, frame)),
             Accepted::Busy(frame) | Accepted::ReplyGone(frame) => {
                 out.push(Effect::Send(conn, frame))
+            }
+            Accepted::RateLimited { frame, flooding } => {
+                out.push(Effect::Send(conn, frame));
+                if flooding {
+                    out.push(Effect::Flooding(conn));
+                }
             }
         }
         self.collect(&at.user);

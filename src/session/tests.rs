@@ -10,6 +10,7 @@ const LIMITS: Limits = Limits {
     max_held_bytes: 1 << 20,
     max_queued_turns: 1,
     turn_timeout: Duration::from_secs(5),
+    max_messages_per_minute: 0,
 };
 
 fn now(t0: Instant, secs: u64) -> Now {

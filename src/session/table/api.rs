@@ -64,9 +64,10 @@ impl Sessions {
                 id,
                 conn,
             }),
-            Accepted::Resend(frame) | Accepted::Busy(frame) | Accepted::ReplyGone(frame) => {
-                out.push(Effect::Answer(conn, frame))
-            }
+            Accepted::Resend(frame)
+            | Accepted::Busy(frame)
+            | Accepted::ReplyGone(frame)
+            | Accepted::RateLimited { frame, .. } => out.push(Effect::Answer(conn, frame)),
         }
         self.collect(user);
         self.schedule_idle(user);

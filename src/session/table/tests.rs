@@ -15,6 +15,7 @@ fn limits() -> TableLimits {
             max_held_bytes: 1 << 20,
             max_queued_turns: 2,
             turn_timeout: 30 * S,
+            max_messages_per_minute: 0,
         },
         ttl: 100 * S,
         max_sessions: 2,
