@@ -272,6 +272,10 @@ fn main() -> ExitCode {
             println!("kiosk (straycat {})", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
+        Ok(Command::Token { .. }) => {
+            eprintln!("kiosk: tokens are made by `straycat token`");
+            return ExitCode::from(2);
+        }
         Err(e) => {
             eprintln!("kiosk: {e}");
             return ExitCode::from(2);

@@ -154,7 +154,7 @@ pub enum Head {
     /// More bytes are needed.
     Partial,
     /// A complete head of `len` bytes; anything after it is WebSocket data.
-    Complete(Request, usize),
+    Complete(Box<Request>, usize),
     /// Not HTTP, or too large.
     Invalid(&'static str),
 }
@@ -215,7 +215,7 @@ pub fn parse_head(buf: &[u8]) -> Head {
                     out.origin = Some(value.to_string());
                 }
             }
-            Head::Complete(out, len)
+            Head::Complete(Box::new(out), len)
         }
         Err(httparse::Error::TooManyHeaders) => Head::Invalid("too many headers"),
         Err(_) => Head::Invalid("malformed request"),
@@ -522,7 +522,7 @@ mod tests {
         match parse_head(raw.as_bytes()) {
             Head::Complete(r, len) => {
                 assert_eq!(len, raw.len());
-                r
+                *r
             }
             other => panic!("{other:?}"),
         }

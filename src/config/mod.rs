@@ -225,7 +225,7 @@ pub fn help_text() -> String {
     }
     out.push_str("  -h, --help                     print this help\n");
     out.push_str("  -V, --version                  print the version\n");
-    out.push_str("\n");
+    out.push('\n');
     out.push_str(TOKEN_USAGE);
     out
 }

@@ -10,7 +10,7 @@ pub enum HeadRead {
     /// More is needed.
     Partial,
     /// A full head (and its body, if it announced one), and whatever followed the head.
-    Complete(http::Request, Vec<u8>),
+    Complete(Box<http::Request>, Vec<u8>),
     /// Not a request we can read.
     Invalid(&'static str),
     /// A body over the bound.
