@@ -250,3 +250,53 @@ fn help_lists_every_option_with_env() {
         assert!(help.contains(&env_name(opt.name)));
     }
 }
+
+#[test]
+fn the_token_subcommand_takes_its_secret_from_the_option_or_the_environment() {
+    let token = |args: &[&str], env: Option<&str>| {
+        let env = env.map(str::to_string);
+        parse(args.iter().map(|s| s.to_string()), |k| {
+            (k == "STRAYCAT_JWT_SECRET").then(|| env.clone()).flatten()
+        })
+    };
+    match token(&["token", "--user", "kiosk-1", "--ttl-secs=60"], Some("s")) {
+        Ok(Command::Token {
+            user,
+            ttl_secs,
+            secret,
+        }) => {
+            assert_eq!(user.as_str(), "kiosk-1");
+            assert_eq!(ttl_secs, 60);
+            assert_eq!(secret, "s");
+        }
+        other => panic!("{other:?}"),
+    }
+    let by_flag = token(
+        &["token", "--jwt-secret", "t", "--user", "a", "--ttl-secs", "5"],
+        Some("s"),
+    );
+    assert!(matches!(by_flag, Ok(Command::Token { secret, .. }) if secret == "t"));
+    for bad in [
+        &["token", "--user", "a", "--ttl-secs", "5"][..],
+        &["token", "--user", "a b", "--ttl-secs", "5", "--jwt-secret", "s"],
+        &["token", "--user", "a", "--ttl-secs", "0", "--jwt-secret", "s"],
+        &["token", "--user", "a", "--jwt-secret", "s"],
+        &["token", "--user", "a", "--ttl-secs", "5", "--jwt-secret", "s", "--what", "x"],
+        &["token", "--user"],
+    ] {
+        assert!(token(bad, None).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn origins_and_rate_limits_parse() {
+    let c = run(
+        &["--allowed-origins", " https://A.example/ ,http://b:8080,"],
+        &[("STRAYCAT_MAX_MESSAGES_PER_MINUTE", "0")],
+    )
+    .unwrap();
+    assert_eq!(c.allowed_origins, ["https://a.example", "http://b:8080"]);
+    assert_eq!(c.max_messages_per_minute, 0);
+    assert!(run(&["--max-connections-per-ip", "-1"], &[]).is_err());
+    assert!(run(&["--max-connects-per-minute-per-ip", "99999999999"], &[]).is_err());
+}
