@@ -56,12 +56,15 @@ const LOOP_BUCKETS: &[u64] = &[
 const CLOSE_CODES: &[u16] = &[1000, 1001, 1002, 1007, 1008, 1009, 1011];
 
 /// HTTP statuses the server refuses with, shown at 0 from the start for the same reason.
-const REFUSAL_STATUSES: &[u16] = &[400, 401, 403, 404, 405, 411, 413, 426, 503];
+const REFUSAL_STATUSES: &[u16] = &[400, 401, 403, 404, 405, 411, 413, 426, 429, 503];
 
 /// The start of every `ResumeGap` error frame: `NoteFrame`'s fields are serialized in
 /// declaration order, so the name is always at this place (a unit test checks it against
 /// the encoder). A prefix, so that a chat reply quoting it does not count.
 const RESUME_GAP_PREFIX: &str = r#"{"type":"error","name":"ResumeGap""#;
+
+/// The start of every `RateLimited` error frame (the same serialization as above).
+const RATE_LIMITED_PREFIX: &str = r#"{"type":"error","name":"RateLimited""#;
 
 /// How a turn ended: its final frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,6 +178,8 @@ pub struct Metrics {
     replaced: u64,
     resumes: u64,
     resume_gaps: u64,
+    /// Messages refused by `--max-messages-per-minute`.
+    rate_limited: u64,
     closes: Keyed,
     refused: Keyed,
     first_token: Histogram,
@@ -237,6 +242,7 @@ impl Metrics {
             replaced: 0,
             resumes: 0,
             resume_gaps: 0,
+            rate_limited: 0,
             closes: Keyed::new(CLOSE_CODES),
             refused: Keyed::new(REFUSAL_STATUSES),
             first_token: Histogram::new(AGENT_BUCKETS),
@@ -298,6 +304,8 @@ impl Metrics {
             self.chat_tokens += 1;
         } else if text.starts_with(RESUME_GAP_PREFIX) {
             self.resume_gaps += 1;
+        } else if text.starts_with(RATE_LIMITED_PREFIX) {
+            self.rate_limited += 1;
         }
     }
 
@@ -427,6 +435,11 @@ impl Metrics {
             "straycat_resume_gaps_total",
             "ResumeGap error frames sent: frames a client asked for were no longer held.",
             self.resume_gaps,
+        );
+        out.counter(
+            "straycat_rate_limited_messages_total",
+            "Messages not run because their user was past --max-messages-per-minute.",
+            self.rate_limited,
         );
         out.head(
             "straycat_ws_closes_total",

@@ -273,6 +273,19 @@ fn past_its_message_rate_a_user_is_told_and_a_flood_is_closed() {
     assert_eq!(r.status, 429, "{r:?}");
     assert_eq!(r.header("retry-after").as_deref(), Some("20"), "{r:?}");
     assert!(r.body.contains("RateLimited"), "{r:?}");
+    let metrics = http_get(addr, "/metrics").body;
+    let refused: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("straycat_rate_limited_messages_total "))
+        .collect();
+    // The flood is closed at the 11th refusal in a row (a minute's allowance of 3 is below
+    // the floor of 10): 2 told before it, 9 of its messages; what followed the close was
+    // not listened to. And the HTTP one.
+    assert_eq!(
+        refused,
+        ["straycat_rate_limited_messages_total 12"],
+        "{metrics}"
+    );
 }
 
 #[test]

@@ -272,16 +272,50 @@ fn the_token_subcommand_takes_its_secret_from_the_option_or_the_environment() {
         other => panic!("{other:?}"),
     }
     let by_flag = token(
-        &["token", "--jwt-secret", "t", "--user", "a", "--ttl-secs", "5"],
+        &[
+            "token",
+            "--jwt-secret",
+            "t",
+            "--user",
+            "a",
+            "--ttl-secs",
+            "5",
+        ],
         Some("s"),
     );
     assert!(matches!(by_flag, Ok(Command::Token { secret, .. }) if secret == "t"));
     for bad in [
         &["token", "--user", "a", "--ttl-secs", "5"][..],
-        &["token", "--user", "a b", "--ttl-secs", "5", "--jwt-secret", "s"],
-        &["token", "--user", "a", "--ttl-secs", "0", "--jwt-secret", "s"],
+        &[
+            "token",
+            "--user",
+            "a b",
+            "--ttl-secs",
+            "5",
+            "--jwt-secret",
+            "s",
+        ],
+        &[
+            "token",
+            "--user",
+            "a",
+            "--ttl-secs",
+            "0",
+            "--jwt-secret",
+            "s",
+        ],
         &["token", "--user", "a", "--jwt-secret", "s"],
-        &["token", "--user", "a", "--ttl-secs", "5", "--jwt-secret", "s", "--what", "x"],
+        &[
+            "token",
+            "--user",
+            "a",
+            "--ttl-secs",
+            "5",
+            "--jwt-secret",
+            "s",
+            "--what",
+            "x",
+        ],
         &["token", "--user"],
     ] {
         assert!(token(bad, None).is_err(), "{bad:?}");
