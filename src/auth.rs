@@ -147,7 +147,9 @@ fn json_part(part: &str) -> Result<Map<String, Value>, TokenError> {
     let bytes = B64
         .decode(part)
         .map_err(|_| TokenError::Malformed("part is not base64url"))?;
-    match serde_json::from_slice(&bytes) {
+    // From a str, as every other JSON the server reads: one parser in the binary, not two.
+    let text = String::from_utf8(bytes).map_err(|_| TokenError::Malformed("part is not UTF-8"))?;
+    match serde_json::from_str(&text) {
         Ok(Value::Object(map)) => Ok(map),
         _ => Err(TokenError::Malformed("part is not a JSON object")),
     }

@@ -54,15 +54,18 @@ impl Request {
         if self.query.is_empty() {
             return self.path.clone();
         }
-        let query: Vec<String> = self
-            .query
-            .split('&')
-            .map(|pair| match pair.split_once('=') {
-                Some((k, _)) if is_secret_param(k) => format!("{k}=<redacted>"),
-                _ => pair.to_string(),
-            })
-            .collect();
-        format!("{}?{}", self.path, query.join("&"))
+        let mut out = self.path.clone();
+        for (i, pair) in self.query.split('&').enumerate() {
+            out.push(if i == 0 { '?' } else { '&' });
+            match pair.split_once('=') {
+                Some((k, _)) if is_secret_param(k) => {
+                    out.push_str(k);
+                    out.push_str("=<redacted>");
+                }
+                _ => out.push_str(pair),
+            }
+        }
+        out
     }
 }
 

@@ -95,8 +95,8 @@ impl Server {
         let mut answer = http::response(status, "application/json", frame.text.as_str());
         if v["name"] == "RateLimited" {
             // The bucket is empty: one message is allowed again after 60 s / the limit.
-            let per_minute = self.config.max_messages_per_minute.max(1);
-            let wait = std::time::Duration::from_secs(60).div_f64(f64::from(per_minute));
+            let per_minute = u64::from(self.config.max_messages_per_minute.max(1));
+            let wait = std::time::Duration::from_millis(60_000u64.div_ceil(per_minute));
             answer = http::with_retry_after(answer, wait);
         }
         self.answer(id, answer, None);
