@@ -109,6 +109,7 @@ impl Server {
             conn,
             timer_at: None,
             queued_read: false,
+            deaf: false,
         });
         self.schedule_conn(id, at);
         if over_cap {
@@ -300,9 +301,10 @@ impl Server {
                 Kind::Chat(at)
             }
         };
-        if let Some(slot) = self.slot(id) {
+        if let Some(slot) = super::slot_in(&mut self.conns, id) {
+            let totals = &self.unsent;
             slot.conn
-                .upgrade(kind, rest, ws_config, max_unsent, heartbeat);
+                .upgrade(kind, rest, ws_config, max_unsent, heartbeat, totals);
             slot.timer_at = None;
         }
         self.schedule_conn(id, heartbeat.poll_at());

@@ -17,7 +17,7 @@ mod timers;
 use crate::agent::Backend;
 use crate::agent::pool::{Notifier, Pool};
 use crate::config::Config;
-use crate::conn::{Conn, ConnId, READ_BUFFER_BYTES, Stage};
+use crate::conn::{Conn, ConnId, READ_BUFFER_BYTES, Stage, UnsentTotals};
 use crate::metrics::{self, Gauges, Metrics, StateGauges};
 use crate::protocol::unix_now;
 use crate::session::{Effect, Limits, Now, Sessions, TableLimits};
@@ -95,6 +95,8 @@ struct Slot {
     timer_at: Option<Instant>,
     /// In `read_queue`.
     queued_read: bool,
+    /// A closing socket no longer registered for reading (see `Server::stop_reading`).
+    deaf: bool,
 }
 
 /// The server: everything the event loop owns.
@@ -144,6 +146,9 @@ pub struct Server {
     store: Option<Store>,
     /// What `/metrics` shows (and the agent's part of `/health`).
     metrics: Metrics,
+    /// Unsent bytes of all sockets, kept by the sockets themselves as they change
+    /// (`--max-buffered-bytes-total`).
+    unsent: UnsentTotals,
 }
 
 impl Server {
@@ -229,6 +234,7 @@ impl Server {
             watchdog: None,
             store: None,
             metrics: Metrics::new(agent_kind),
+            unsent: UnsentTotals::default(),
             config,
         })
     }
@@ -342,6 +348,7 @@ impl Server {
             self.run_timers();
             self.sessions.enforce_budgets();
             self.flush_all();
+            self.enforce_unsent_budget();
             if let Some(store) = &mut self.store {
                 store.after_iteration(&mut self.sessions, self.now);
             }
@@ -453,6 +460,8 @@ impl Server {
             held_frames: count(table.held_frames),
             held_bytes: count(table.held_bytes),
             history_bytes: count(table.history_bytes),
+            unsent_open: count(self.unsent.open()),
+            unsent_closing: count(self.unsent.closing()),
             state,
         })
     }

@@ -5,7 +5,6 @@
 
 mod durable;
 mod table;
-mod tally;
 
 pub use table::{Detached, Effect, SessionRef, Sessions, TableLimits};
 
@@ -18,7 +17,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
-use tally::Tally;
+use crate::tally::Tally;
 use tungstenite::Utf8Bytes;
 
 /// The session bounds from the configuration.
