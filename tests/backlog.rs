@@ -63,7 +63,11 @@ enum CloseBy {
 /// takes it, never reading. Returns the bytes written before the close started and after it,
 /// and the seconds from it to the drop.
 fn flood_past_close(by: CloseBy) -> (u64, u64, f64) {
-    let max_unsent = if by == CloseBy::Server { "65536" } else { "16777216" };
+    let max_unsent = if by == CloseBy::Server {
+        "65536"
+    } else {
+        "16777216"
+    };
     let server = Server::start(&["--raw-echo", "--max-buffered-bytes", max_unsent]);
     let mut s = tiny_window(&server, "/echo");
     let buf = frames(64, 16 * 1024);
@@ -129,4 +133,144 @@ fn a_closing_flooder_is_read_no_more_and_dropped_at_its_deadline() {
             "{by:?} close: a closing socket must not be read on: {after} bytes taken after the close began (bound {bound})"
         );
     }
+}
+
+/// One sample of `GET /metrics`, written exactly `series` (name and labels).
+fn metric(server: &Server, series: &str) -> f64 {
+    let resp = http_get(server.addr(), "/metrics");
+    assert_eq!(resp.status, 200, "GET /metrics: {resp:?}");
+    resp.body
+        .lines()
+        .find_map(|l| l.rsplit_once(' ').filter(|(s, _)| *s == series))
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in /metrics"))
+}
+
+/// A chat user on a socket it never reads, owed the echo of `text` (as message `id`).
+fn owed(server: &Server, user: &str, text: &str, id: &str) -> TcpStream {
+    let mut s = tiny_window(server, &format!("/ws/{user}"));
+    let m = serde_json::json!({"text": text, "id": id}).to_string();
+    write_frame(&mut s, OP_TEXT, m.as_bytes()).expect("send the message");
+    s
+}
+
+fn chat_once(c: &mut Client, text: &str) {
+    c.say(text, None);
+    let (_, chat) = c.recv_until_chat();
+    assert_chat(&chat, &c.user.clone(), text, None);
+}
+
+#[test]
+fn past_the_total_budget_the_largest_backlogs_close_and_keep_their_frames() {
+    const BUDGET: u64 = 4 << 20;
+    let budget = BUDGET.to_string();
+    // The per-connection bound is far off: only the total can close anyone here.
+    let server = Server::start(&[
+        "--max-buffered-bytes-total",
+        &budget,
+        "--max-buffered-bytes",
+        "67108864",
+        "--max-message-bytes",
+        "4194304",
+        "--max-held-bytes",
+        "16777216",
+    ]);
+    let mut good = server.connect("good", "");
+    chat_once(&mut good, "before");
+
+    // 20 users that never read: 16 owed a few KiB (the kernel's buffers take it), one
+    // ~2 MB (the echo's token and its chat: within the budget alone), 3 ~4 MB, each
+    // about the whole budget, so that with the medium one the total is well past it.
+    let small_text = "s".repeat(3000);
+    let small: Vec<TcpStream> = (0..16)
+        .map(|i| owed(&server, &format!("small{i}"), &small_text, "q"))
+        .collect();
+    let medium_text = "m".repeat(1_000_000);
+    let medium = owed(&server, "medium", &medium_text, "q");
+    chat_once(&mut good, "meanwhile");
+    let big_text = "b".repeat(2_000_000);
+    let mut big = Vec::new();
+    for i in 0..3 {
+        let user = format!("big{i}");
+        big.push(owed(&server, &user, &big_text, "q"));
+        let line = server
+            .wait_log_all(
+                &[
+                    "slow consumer",
+                    "the largest backlog",
+                    &format!("user={user} "),
+                ],
+                Duration::from_secs(20),
+            )
+            .unwrap_or_else(|| panic!("{user} was not closed for the total budget"));
+        assert!(line.contains("WARN") && line.contains("peer="), "{line}");
+        chat_once(&mut good, &format!("after {user}"));
+    }
+
+    // Every turn ran (20, and good's 4); the open sockets then hold at most the budget:
+    // the medium user's backlog.
+    poll("every turn to finish", Duration::from_secs(30), || {
+        let done = metric(&server, r#"straycat_turns_finished_total{outcome="chat"}"#);
+        (done >= 24.0).then_some(())
+    });
+    let open = metric(&server, r#"straycat_unsent_bytes{stage="open"}"#);
+    assert!(
+        open <= BUDGET as f64,
+        "open sockets hold {open} unsent bytes"
+    );
+    assert!(open > 0.0, "the medium user's reply is still owed");
+    assert_eq!(metric(&server, "straycat_unsent_budget_closes_total"), 3.0);
+    assert_eq!(
+        metric(&server, r#"straycat_ws_closes_total{code="1008"}"#),
+        3.0
+    );
+    let wrongly: Vec<String> = server
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("slow consumer") && !l.contains("user=big"))
+        .collect();
+    assert!(
+        wrongly.is_empty(),
+        "only the largest backlogs close: {wrongly:?}"
+    );
+    chat_once(&mut good, "still here");
+    // The closing sockets go at their deadline, and their backlogs with them.
+    poll(
+        "the closing backlogs to go",
+        Duration::from_secs(30),
+        || {
+            let closing = metric(&server, r#"straycat_unsent_bytes{stage="closing"}"#);
+            (closing == 0.0).then_some(())
+        },
+    );
+
+    // A closed user comes back and gets its reply from the held frames.
+    for i in 0..3 {
+        let user = format!("big{i}");
+        let mut again = server.connect(&user, "?since=0");
+        let chat = again.recv_json();
+        assert_chat(&chat, &user, &big_text, Some("q"));
+    }
+    // The others were never closed: reading now, they get their replies.
+    let others = small
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| (format!("small{i}"), s, &small_text))
+        .chain([("medium".to_string(), medium, &medium_text)]);
+    for (user, mut s, text) in others {
+        let chat = loop {
+            match read_raw_msg(&mut s).expect("read a never-closed user's socket") {
+                RawMsg::Text(t) => {
+                    let v: serde_json::Value = serde_json::from_slice(&t).expect("JSON");
+                    if v["type"] == "chat" {
+                        break v;
+                    }
+                }
+                RawMsg::Ping | RawMsg::Pong => {}
+                other => panic!("{user}: expected its reply, got {other:?}"),
+            }
+        };
+        assert_chat(&chat, &user, text, Some("q"));
+    }
+    drop(big);
 }

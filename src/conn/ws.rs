@@ -417,7 +417,10 @@ mod tests {
         assert_eq!(totals.open(), 54, "a dropped socket takes its count out");
         // Closing moves the backlog, and the close frame (2 + 2 + 3 bytes) behind it, out
         // of the budget's total.
-        assert!(matches!(w.close(CloseCode::Normal, "bye"), WsWrite::Pending));
+        assert!(matches!(
+            w.close(CloseCode::Normal, "bye"),
+            WsWrite::Pending
+        ));
         assert_eq!((totals.open(), totals.closing()), (0, 54 + 7));
         w.stream_mut().room = 1000;
         assert!(matches!(w.flush(true), WsWrite::Ok));
@@ -447,7 +450,11 @@ mod tests {
             assert_eq!(taken as u64, CLOSING_READ_BYTES, "first byte {first:#x}");
             assert!(w.is_deaf());
             if first == 0x82 {
-                assert_eq!(messages, 65536 / 1008, "the whole frames among the bytes read");
+                assert_eq!(
+                    messages,
+                    65536 / 1008,
+                    "the whole frames among the bytes read"
+                );
             }
         }
     }

@@ -12,12 +12,12 @@ use crate::agent::{AgentError, CancelToken, HistoryEntry, Turn, Who};
 use crate::conn::ConnId;
 use crate::protocol::{ClientMessage, ErrorName, Held, UserId, encode_held, encode_token};
 use crate::store::Change;
+use crate::tally::Tally;
 use log::warn;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
-use crate::tally::Tally;
 use tungstenite::Utf8Bytes;
 
 /// The session bounds from the configuration.
