@@ -87,13 +87,15 @@ impl Server {
         let Some(slot) = slot_in(&mut self.conns, id) else {
             return;
         };
+        // Hung up: nothing more will come that we would read, and the close reply we wait
+        // for cannot come either.
+        if slot.conn.hung_up() {
+            return self.remove(id, "hung up while closing");
+        }
         if slot.deaf {
             return;
         }
         slot.deaf = true;
-        if slot.conn.hung_up() {
-            return self.remove(id, "hung up while closing");
-        }
         debug!(
             "user={} peer={} closing: read the most a closing socket may; reading no more",
             slot.conn.user(),

@@ -4,8 +4,9 @@
 //! turns to start). Agents run on the worker pool and come back through the waker.
 //!
 //! Files by owner: this one the loop and its shutdown; `accept.rs` accepting and the HTTP
-//! phase; `io.rs` WebSocket reads, writes, flushes and closes; `effects.rs` chat messages
-//! into the session table and its effects out; `timers.rs` the deadlines.
+//! phase; `io.rs` WebSocket reads, writes, flushes and closes, and the server-wide unsent
+//! budget; `effects.rs` chat messages into the session table and its effects out;
+//! `timers.rs` the deadlines.
 
 mod accept;
 mod api;
