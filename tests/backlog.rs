@@ -10,21 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// A socket whose receive buffer is tiny, so the server's frames pile up unsent.
-fn tiny_window(server: &Server, path: &str) -> TcpStream {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let addr = server.addr();
-    let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
-    sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
-    sock.connect_timeout(&addr.into(), Duration::from_secs(5))
-        .expect("connect");
-    let mut s: TcpStream = sock.into();
-    s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
-    s.set_write_timeout(Some(READ_TIMEOUT)).unwrap();
-    raw_handshake(&mut s, addr, path);
-    s
-}
-
 /// `count` masked binary frames of `size` bytes, back to back: a stream that can be
 /// written from its start over and over.
 fn frames(count: usize, size: usize) -> Vec<u8> {
@@ -69,7 +54,7 @@ fn flood_past_close(by: CloseBy) -> (u64, u64, f64) {
         "16777216"
     };
     let server = Server::start(&["--raw-echo", "--max-buffered-bytes", max_unsent]);
-    let mut s = tiny_window(&server, "/echo");
+    let mut s = tiny_window(server.addr(), "/echo");
     let buf = frames(64, 16 * 1024);
     let (mut pos, mut written) = (0usize, 0u64);
     let mut closed_at: Option<(Instant, u64)> = None;
@@ -148,7 +133,7 @@ fn metric(server: &Server, series: &str) -> f64 {
 
 /// A chat user on a socket it never reads, owed the echo of `text` (as message `id`).
 fn owed(server: &Server, user: &str, text: &str, id: &str) -> TcpStream {
-    let mut s = tiny_window(server, &format!("/ws/{user}"));
+    let mut s = tiny_window(server.addr(), &format!("/ws/{user}"));
     let m = serde_json::json!({"text": text, "id": id}).to_string();
     write_frame(&mut s, OP_TEXT, m.as_bytes()).expect("send the message");
     s
