@@ -24,6 +24,8 @@
 //!   start-up replay (`store/mod.rs`).
 //! - `metrics`: `GET /metrics`, the Prometheus text exposition: the loop's counters and
 //!   histograms, rendered by hand (`metrics.rs`, pure).
+//! - `tally`: bytes one session or socket keeps, counted into a server-wide total for the
+//!   budgets (held frames, history, unsent bytes).
 //! - `timer`: the deadline heap the event loop and the session table sleep on.
 //! - [`server`]: the event loop: the loop and shutdown (`server/mod.rs`), accepting and
 //!   the HTTP phase (`accept.rs`), socket I/O (`io.rs`), the session table's effects
@@ -48,6 +50,7 @@ pub mod server;
 mod session;
 mod store;
 pub mod systemd;
+mod tally;
 mod timer;
 
 pub use agent::{Agent, AgentError, Backend, EchoAgent, PolledAgent, PolledEcho, Turn, TurnOutput};

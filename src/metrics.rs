@@ -181,6 +181,8 @@ pub struct Metrics {
     /// Messages refused by `--max-messages-per-minute`.
     rate_limited: u64,
     closes: Keyed,
+    /// Of the 1008 closes, those of `--max-buffered-bytes-total`.
+    unsent_budget_closes: u64,
     refused: Keyed,
     first_token: Histogram,
     turn_duration: Histogram,
@@ -208,6 +210,10 @@ pub struct Gauges {
     pub held_bytes: u64,
     /// Bytes of conversation history of all sessions.
     pub history_bytes: u64,
+    /// Unsent bytes of open sockets (what `--max-buffered-bytes-total` bounds).
+    pub unsent_open: u64,
+    /// Unsent bytes of closing sockets.
+    pub unsent_closing: u64,
     /// The state dir's counters, with `--state-dir`.
     pub state: Option<StateGauges>,
 }
@@ -244,6 +250,7 @@ impl Metrics {
             resume_gaps: 0,
             rate_limited: 0,
             closes: Keyed::new(CLOSE_CODES),
+            unsent_budget_closes: 0,
             refused: Keyed::new(REFUSAL_STATUSES),
             first_token: Histogram::new(AGENT_BUCKETS),
             turn_duration: Histogram::new(AGENT_BUCKETS),
@@ -322,6 +329,12 @@ impl Metrics {
     /// The server started a close with `code`.
     pub fn closed(&mut self, code: u16) {
         self.closes.bump(code);
+    }
+
+    /// The largest backlog was closed (1008, counted by [`Metrics::closed`] as well) because
+    /// all sockets together held more than `--max-buffered-bytes-total`.
+    pub fn unsent_budget_closed(&mut self) {
+        self.unsent_budget_closes += 1;
     }
 
     /// A request was answered with HTTP error `status` instead of served or upgraded.
@@ -421,6 +434,17 @@ impl Metrics {
             "Bytes of the conversation history the sessions keep.",
             g.history_bytes,
         );
+        out.head(
+            "straycat_unsent_bytes",
+            "gauge",
+            "Bytes of frames queued to sockets that the kernel has not taken, by stage (open ones count against --max-buffered-bytes-total).",
+        );
+        out.sample("straycat_unsent_bytes", &[("stage", "open")], g.unsent_open);
+        out.sample(
+            "straycat_unsent_bytes",
+            &[("stage", "closing")],
+            g.unsent_closing,
+        );
         out.counter(
             "straycat_sockets_replaced_total",
             "Sockets closed with 1000 replaced: a newer socket took over their session.",
@@ -450,6 +474,11 @@ impl Metrics {
             let code = code.to_string();
             out.sample("straycat_ws_closes_total", &[("code", &code)], *n);
         }
+        out.counter(
+            "straycat_unsent_budget_closes_total",
+            "Sockets closed with 1008 because all together held more unsent bytes than --max-buffered-bytes-total (the largest first).",
+            self.unsent_budget_closes,
+        );
         out.head(
             "straycat_http_refused_total",
             "counter",
@@ -605,6 +634,8 @@ mod tests {
             held_frames: 7,
             held_bytes: 700,
             history_bytes: 300,
+            unsent_open: 4096,
+            unsent_closing: 61,
             state: None,
         }
     }
@@ -697,6 +728,10 @@ mod tests {
             Some("3")
         );
         assert_eq!(value(&text, "straycat_held_bytes").as_deref(), Some("700"));
+        assert_eq!(
+            value(&text, r#"straycat_unsent_bytes{stage="closing"}"#).as_deref(),
+            Some("61")
+        );
         let build = text
             .lines()
             .find(|l| l.starts_with("straycat_build_info{"))

@@ -265,18 +265,9 @@ fn turn_timeout_is_an_error_and_the_next_message_works() {
 
 #[test]
 fn slow_consumer_is_closed_with_1008_and_keeps_its_frames() {
-    use socket2::{Domain, Protocol, Socket, Type};
-
     let server = Server::start(&["--max-buffered-bytes", "65536", "--max-held-frames", "4096"]);
-    let addr = server.addr();
-    let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
-    sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
-    sock.connect_timeout(&addr.into(), Duration::from_secs(5))
-        .expect("connect");
-    let mut s: TcpStream = sock.into();
-    s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    let mut s = tiny_window(server.addr(), "/ws/slow");
     s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
-    raw_handshake(&mut s, addr, "/ws/slow");
 
     // Many 30 KB messages, never reading the ~120 KB of answer each one produces.
     let word = "a".repeat(30_000);

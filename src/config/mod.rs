@@ -31,6 +31,10 @@ pub struct Config {
     pub max_connections: usize,
     /// Unsent bytes one connection may hold before it is closed with 1008.
     pub max_buffered_bytes: usize,
+    /// Unsent bytes all open connections may hold together: past it the largest backlog is
+    /// closed with 1008, so that many slow consumers cannot add up past a small board's
+    /// memory. Closing sockets' backlogs are not counted (they go within 5 s).
+    pub max_buffered_bytes_total: usize,
     /// Shared secret every `/ws` upgrade must carry as `?token=`; `None` disables auth.
     pub api_key: Option<String>,
     /// The secret of signed per-user tokens (JWT HS256), which `?token=` may carry instead
@@ -132,6 +136,7 @@ impl Default for Config {
             max_message_bytes: 64 * 1024,
             max_connections: 1024,
             max_buffered_bytes: 1024 * 1024,
+            max_buffered_bytes_total: 32 * 1024 * 1024,
             api_key: None,
             jwt_secret: None,
             allowed_origins: Vec::new(),

@@ -202,6 +202,13 @@ pub(super) const OPTS: &[Opt] = &[
         show: |c| c.max_buffered_bytes.to_string(),
     },
     Opt {
+        name: "max-buffered-bytes-total",
+        value: "BYTES",
+        help: "unsent bytes of all open connections; past it the largest backlog: close 1008",
+        set: |c, v| v.size(1024).map(|n| c.max_buffered_bytes_total = n),
+        show: |c| c.max_buffered_bytes_total.to_string(),
+    },
+    Opt {
         name: "api-key",
         value: "KEY",
         help: "require ?token=KEY on /ws upgrades (else HTTP 403)",

@@ -30,9 +30,16 @@ thread_local! {
 /// call: one syscall fewer per message for a client that sends one message at a time. Not
 /// once the peer has hung up: its end of stream (or error) may sit behind the bytes of a
 /// short read and raises no new event, so from then on every read goes to the kernel.
+///
+/// A closing connection reads only up to a limit ([`Counted::limit_reads`]): past it a read
+/// answers `WouldBlock` without a system call, whatever the peer still sends.
 pub struct Counted<S> {
     inner: S,
     written: u64,
+    /// Bytes taken from the kernel so far.
+    read: u64,
+    /// No more than this many bytes in all are taken from the kernel.
+    read_limit: u64,
     /// The last read emptied the receive queue and no readable event came since.
     drained: bool,
     /// A hang-up or error event was seen: reads always go to the kernel.
@@ -49,6 +56,8 @@ impl<S> Counted<S> {
         Counted {
             inner,
             written: 0,
+            read: 0,
+            read_limit: u64::MAX,
             drained: false,
             hung_up,
             stash: Vec::new(),
@@ -59,6 +68,16 @@ impl<S> Counted<S> {
     /// Bytes the kernel accepted so far.
     pub fn written(&self) -> u64 {
         self.written
+    }
+
+    /// Takes at most `more` further bytes from the kernel (never raises an earlier limit).
+    pub fn limit_reads(&mut self, more: u64) {
+        self.read_limit = self.read_limit.min(self.read.saturating_add(more));
+    }
+
+    /// Whether the read limit is reached: nothing more will be read.
+    pub fn reads_exhausted(&self) -> bool {
+        self.read >= self.read_limit
     }
 
     /// A readable event arrived (`hung_up`: with the peer's hang-up or an error).
@@ -76,10 +95,15 @@ impl<S> Counted<S> {
 impl<S: Read> Counted<S> {
     /// Reads from the kernel through the scratch buffer.
     fn read_kernel(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // Below the limit by at least 1 (checked by the caller); on 32 bits a limit past
+        // usize is no limit for one read.
+        let room = usize::try_from(self.read_limit - self.read).unwrap_or(usize::MAX);
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
-            let n = self.inner.read(&mut scratch[..])?;
-            self.drained = n > 0 && n < scratch.len();
+            let want = scratch.len().min(room);
+            let n = self.inner.read(&mut scratch[..want])?;
+            self.read += n as u64;
+            self.drained = n > 0 && n < want;
             let give = n.min(buf.len());
             buf[..give].copy_from_slice(&scratch[..give]);
             if n > give {
@@ -109,7 +133,7 @@ impl<S: Read> Read for Counted<S> {
             }
             return Ok(give);
         }
-        if self.drained && !self.hung_up {
+        if (self.drained && !self.hung_up) || self.reads_exhausted() {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         // n == 0 is the end of the stream, which every later read must see too.
@@ -240,6 +264,31 @@ mod tests {
         c.readable_again(false);
         assert_eq!(c.read(&mut buf).unwrap(), 3);
         assert_eq!(c.inner_mut().reads, 2);
+    }
+
+    #[test]
+    fn a_read_limit_stops_reading_at_the_byte() {
+        let mut c = Counted::new(
+            MockStream {
+                input: vec![7u8; 100].into(),
+                ..Default::default()
+            },
+            true,
+        );
+        c.limit_reads(40);
+        let mut buf = [0u8; 30];
+        let mut got = 0;
+        while let Ok(n) = c.read(&mut buf) {
+            got += n;
+        }
+        assert_eq!(got, 40, "30, then 10 from the stash; the kernel keeps 60");
+        assert_eq!(c.inner_mut().input.len(), 60);
+        assert!(c.reads_exhausted());
+        let reads = c.inner_mut().reads;
+        assert!(would_block(c.read(&mut buf)));
+        assert_eq!(c.inner_mut().reads, reads, "no syscall past the limit");
+        c.limit_reads(1000);
+        assert!(c.reads_exhausted(), "a limit is never raised");
     }
 
     #[test]

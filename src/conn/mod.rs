@@ -9,7 +9,7 @@ mod ws;
 
 pub use handshake::HeadRead;
 pub use heartbeat::{Beat, Heartbeat};
-pub use ws::{WsRead, WsWrite};
+pub use ws::{UnsentTotals, WsRead, WsWrite};
 
 use crate::http::ChatTarget;
 use crate::session::SessionRef;
@@ -242,6 +242,27 @@ impl Conn {
         matches!(self.phase, Phase::Open { .. })
     }
 
+    /// Bytes an open WebSocket holds that the kernel has not taken (0 in other phases).
+    pub fn unsent(&self) -> u64 {
+        match &self.phase {
+            Phase::Open { ws, .. } => ws.unsent(),
+            _ => 0,
+        }
+    }
+
+    /// A closing WebSocket that read all it may: not to be read again.
+    pub fn is_deaf(&self) -> bool {
+        match &self.phase {
+            Phase::Closing { ws, .. } => ws.is_deaf(),
+            _ => false,
+        }
+    }
+
+    /// Whether a hang-up or error event was seen.
+    pub fn hung_up(&self) -> bool {
+        self.hung_up
+    }
+
     /// Whether something was written since the last flush.
     pub fn is_dirty(&self) -> bool {
         self.dirty
@@ -439,11 +460,19 @@ impl Conn {
         config: WebSocketConfig,
         max_unsent: usize,
         heartbeat: Heartbeat,
+        totals: &UnsentTotals,
     ) {
         let phase = std::mem::replace(&mut self.phase, Phase::Gone);
         self.phase = match phase {
             Phase::Handshake { stream, .. } | Phase::Respond { stream, .. } => Phase::Open {
-                ws: Box::new(Ws::new(stream, rest, config, max_unsent, self.hung_up)),
+                ws: Box::new(Ws::new(
+                    stream,
+                    rest,
+                    config,
+                    max_unsent,
+                    self.hung_up,
+                    totals,
+                )),
                 kind,
                 heartbeat,
             },
@@ -503,11 +532,16 @@ impl Conn {
     }
 
     /// Starts the close handshake with `code` (RFC 6455 §7.1.2); the connection is then
-    /// kept only until the client answers or `deadline`.
+    /// kept only until the client answers or `deadline`. A socket already closing keeps its
+    /// first deadline: nothing the peer does moves it.
     pub fn close(&mut self, code: CloseCode, reason: &str, deadline: Instant) -> WsWrite {
         let phase = std::mem::replace(&mut self.phase, Phase::Gone);
         let (mut ws, kind) = match phase {
-            Phase::Open { ws, kind, .. } | Phase::Closing { ws, kind } => (ws, kind),
+            Phase::Open { ws, kind, .. } => (ws, kind),
+            closing @ Phase::Closing { .. } => {
+                self.phase = closing;
+                return WsWrite::Ok;
+            }
             other => {
                 self.phase = other;
                 return WsWrite::Closed;
@@ -525,7 +559,8 @@ impl Conn {
     pub fn begin_closing(&mut self, deadline: Instant) -> bool {
         let phase = std::mem::replace(&mut self.phase, Phase::Gone);
         match phase {
-            Phase::Open { ws, kind, .. } => {
+            Phase::Open { mut ws, kind, .. } => {
+                ws.begin_closing();
                 self.phase = Phase::Closing { ws, kind };
                 self.deadline = deadline;
                 self.dirty = true;

@@ -1,14 +1,45 @@
 //! An open WebSocket over a non-blocking socket: tungstenite for the framing, plus what it
 //! does not track for us: how much the client has left unread, and which frames (by seq)
-//! the kernel has taken.
+//! the kernel has taken; its unsent bytes counted in the server's totals; a closing
+//! socket read no more than a bounded amount.
 
 use super::counted::Counted;
+use crate::tally::Tally;
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, Utf8Bytes, WebSocket};
+
+/// Bytes a closing socket still reads once our close frame is queued or the peer's came:
+/// enough for the peer's close reply behind a few messages in flight. Past it the socket is
+/// not read again (a peer that keeps sending costs no CPU) and waits for its deadline.
+pub const CLOSING_READ_BYTES: u64 = 64 * 1024;
+
+/// The server-wide unsent bytes, kept up to date by every socket as its backlog changes.
+#[derive(Clone, Debug, Default)]
+pub struct UnsentTotals {
+    /// Of open sockets: what `--max-buffered-bytes-total` bounds.
+    open: Arc<AtomicUsize>,
+    /// Of closing sockets, not counted against the budget: they take no more frames, are
+    /// gone by their close deadline, and closing open sockets would not free them sooner.
+    closing: Arc<AtomicUsize>,
+}
+
+impl UnsentTotals {
+    /// Unsent bytes of open sockets.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Unsent bytes of closing sockets.
+    pub fn closing(&self) -> usize {
+        self.closing.load(Ordering::Relaxed)
+    }
+}
 
 /// What reading the WebSocket gave.
 #[derive(Debug)]
@@ -53,6 +84,13 @@ pub struct Ws<S> {
     /// Frames with a seq written to tungstenite, with the byte offset (on the `queued`
     /// scale) at which each ends: once the kernel has taken that many bytes, it is handed.
     in_flight: VecDeque<(u64, u64)>,
+    /// Our close frame is queued or the peer's came: reads are limited, the backlog counts
+    /// as closing.
+    closing: bool,
+    /// `unsent()` as last counted in the server's totals (open, then closing).
+    tally: Tally,
+    /// Where `tally` moves once closing.
+    closing_total: Arc<AtomicUsize>,
 }
 
 /// Bytes a server frame with this payload takes on the wire (RFC 6455 §5.2: server frames
@@ -83,6 +121,7 @@ impl<S: Socket> Ws<S> {
         config: WebSocketConfig,
         max_unsent: usize,
         hung_up: bool,
+        totals: &UnsentTotals,
     ) -> Ws<S> {
         Ws {
             ws: WebSocket::from_partially_read(
@@ -95,7 +134,38 @@ impl<S: Socket> Ws<S> {
             queued: 0,
             max_unsent: max_unsent as u64,
             in_flight: VecDeque::new(),
+            closing: false,
+            tally: Tally::new(Arc::clone(&totals.open)),
+            closing_total: Arc::clone(&totals.closing),
         }
+    }
+
+    /// Counts the backlog as it is now in the server's totals. Every method that may
+    /// change `unsent()` ends here (and dropping the socket takes its count out), so the
+    /// totals need no scan of the connections.
+    fn report(&mut self) {
+        self.tally
+            .set(usize::try_from(self.unsent()).unwrap_or(usize::MAX));
+    }
+
+    /// From now on the socket is closing: its backlog counts as closing, and it reads at
+    /// most [`CLOSING_READ_BYTES`] more.
+    fn enter_closing(&mut self) {
+        if !self.closing {
+            self.closing = true;
+            self.tally.count_in(Arc::clone(&self.closing_total));
+            self.ws.get_mut().limit_reads(CLOSING_READ_BYTES);
+        }
+    }
+
+    /// The peer started the close handshake (tungstenite queued our reply).
+    pub fn begin_closing(&mut self) {
+        self.enter_closing();
+    }
+
+    /// A closing socket that read all it may: it is not to be read again.
+    pub fn is_deaf(&self) -> bool {
+        self.closing && self.ws.get_ref().reads_exhausted()
     }
 
     /// The socket, for (de)registration.
@@ -110,10 +180,18 @@ impl<S: Socket> Ws<S> {
 
     /// Reads one message.
     pub fn read(&mut self) -> WsRead {
+        let result = self.read_unreported();
+        // Tungstenite may have flushed (a pong, a close reply) while reading.
+        self.report();
+        result
+    }
+
+    fn read_unreported(&mut self) -> WsRead {
         if self.failed {
             // RFC 6455 §7.1.7: after failing the connection, nothing more is processed;
-            // tungstenite's reader is mid-frame and must not be used again.
-            return drain_raw(self.stream_mut());
+            // tungstenite's reader is mid-frame and must not be used again. Read through
+            // `Counted`, so that the closing socket's read limit holds here too.
+            return drain_raw(self.ws.get_mut());
         }
         let result = self.ws.read();
         if let Err(WsError::Capacity(_) | WsError::Utf8(_) | WsError::Protocol(_)) = &result {
@@ -124,7 +202,10 @@ impl<S: Socket> Ws<S> {
                 // Tungstenite queues the pong itself; count it so the offsets of our own
                 // frames behind it stay conservative (a later pong may replace an unsent
                 // one, which only makes us count a frame as handed later, never earlier).
-                self.queued += frame_bytes(payload.len());
+                // Once closing, it answers no pings.
+                if !self.closing {
+                    self.queued += frame_bytes(payload.len());
+                }
                 WsRead::Message(Message::Ping(payload))
             }
             Ok(msg) => WsRead::Message(msg),
@@ -150,6 +231,12 @@ impl<S: Socket> Ws<S> {
     /// left more than `--max-buffered-bytes` unread: one large frame to a reading client
     /// is fine, a backlog is not.
     pub fn write(&mut self, msg: Message) -> WsWrite {
+        let result = self.write_unreported(msg);
+        self.report();
+        result
+    }
+
+    fn write_unreported(&mut self, msg: Message) -> WsWrite {
         if self.unsent() > self.max_unsent {
             // Only what the kernel refuses counts against the client: try it first.
             match self.flush(false) {
@@ -196,6 +283,12 @@ impl<S: Socket> Ws<S> {
     /// Writes out everything queued. `closing`: our close frame is (or will be) queued, so
     /// a backlog is no longer a reason to close.
     pub fn flush(&mut self, closing: bool) -> WsWrite {
+        let result = self.flush_unreported(closing);
+        self.report();
+        result
+    }
+
+    fn flush_unreported(&mut self, closing: bool) -> WsWrite {
         let result = ws_result(self.ws.flush());
         let written = self.ws.get_ref().written();
         match result {
@@ -222,11 +315,18 @@ impl<S: Socket> Ws<S> {
 
     /// Starts the close handshake with `code` (RFC 6455 §7.1.2).
     pub fn close(&mut self, code: CloseCode, reason: &str) -> WsWrite {
+        if !self.closing {
+            // The close frame is part of the backlog until the kernel takes it.
+            self.queued += frame_bytes(2 + reason.len());
+        }
+        self.enter_closing();
         let frame = CloseFrame {
             code,
             reason: Utf8Bytes::from(reason.to_string()),
         };
-        ws_result(self.ws.close(Some(frame)))
+        let result = ws_result(self.ws.close(Some(frame)));
+        self.report();
+        result
     }
 }
 
@@ -242,7 +342,8 @@ impl Socket for mio::net::TcpStream {
     }
 }
 
-/// Reads and drops whatever the peer still sends, until it closes.
+/// Reads and drops whatever the peer still sends, until it closes, the kernel has nothing
+/// more, or the closing socket's read limit is reached (`stream` then says `WouldBlock`).
 fn drain_raw(stream: &mut impl Read) -> WsRead {
     let mut scratch = [0u8; 1024];
     loop {
@@ -276,6 +377,10 @@ mod tests {
     }
 
     fn ws(room: usize, max_unsent: usize) -> Ws<MockStream> {
+        ws_in(&UnsentTotals::default(), room, max_unsent)
+    }
+
+    fn ws_in(totals: &UnsentTotals, room: usize, max_unsent: usize) -> Ws<MockStream> {
         let config = WebSocketConfig::default()
             .write_buffer_size(usize::MAX - 1)
             .max_write_buffer_size(usize::MAX);
@@ -283,7 +388,75 @@ mod tests {
             room,
             ..Default::default()
         };
-        Ws::new(stream, Vec::new(), config, max_unsent, false)
+        Ws::new(stream, Vec::new(), config, max_unsent, false, totals)
+    }
+
+    /// A masked binary client frame (mask 0: the payload goes as is) of `n` bytes; `first`
+    /// is its first byte (0x82: final binary; 0xc2 sets a reserved bit, a protocol error).
+    fn client_frame(first: u8, n: usize) -> Vec<u8> {
+        let mut f = vec![first, 0x80 | 126];
+        f.extend_from_slice(&u16::try_from(n).unwrap().to_be_bytes());
+        f.extend_from_slice(&[0; 4]);
+        f.extend(std::iter::repeat_n(b'x', n));
+        f
+    }
+
+    #[test]
+    fn the_backlog_is_counted_in_the_totals_and_moves_to_closing() {
+        let totals = UnsentTotals::default();
+        let mut w = ws_in(&totals, 150, 1 << 20);
+        assert!(matches!(w.write_text(text(100), Some(1)), WsWrite::Ok));
+        assert!(matches!(w.write_text(text(100), Some(2)), WsWrite::Ok));
+        assert_eq!(totals.open(), 204);
+        assert!(matches!(w.flush(false), WsWrite::Pending));
+        assert_eq!(totals.open(), 54);
+        let mut other = ws_in(&totals, 0, 1 << 20);
+        assert!(matches!(other.write_text(text(10), None), WsWrite::Ok));
+        assert_eq!(totals.open(), 66);
+        drop(other);
+        assert_eq!(totals.open(), 54, "a dropped socket takes its count out");
+        // Closing moves the backlog, and the close frame (2 + 2 + 3 bytes) behind it, out
+        // of the budget's total.
+        assert!(matches!(
+            w.close(CloseCode::Normal, "bye"),
+            WsWrite::Pending
+        ));
+        assert_eq!((totals.open(), totals.closing()), (0, 54 + 7));
+        w.stream_mut().room = 1000;
+        assert!(matches!(w.flush(true), WsWrite::Ok));
+        assert_eq!(totals.closing(), 0);
+        drop(w);
+        assert_eq!((totals.open(), totals.closing()), (0, 0));
+    }
+
+    #[test]
+    fn a_closing_socket_reads_a_bounded_amount_then_is_deaf() {
+        for first in [0x82, 0xc2] {
+            let mut w = ws(1 << 20, 1 << 20);
+            let flood: Vec<u8> = (0..400).flat_map(|_| client_frame(first, 1000)).collect();
+            w.stream_mut().input.extend(&flood);
+            assert!(matches!(w.close(CloseCode::Policy, "slow"), WsWrite::Ok));
+            assert!(!w.is_deaf());
+            let mut messages = 0;
+            loop {
+                match w.read() {
+                    WsRead::Message(_) => messages += 1,
+                    WsRead::Idle => break,
+                    WsRead::Fail(..) => assert_eq!(first, 0xc2, "only the bad frames fail"),
+                    other => panic!("{other:?}"),
+                }
+            }
+            let taken = flood.len() - w.stream_mut().input.len();
+            assert_eq!(taken as u64, CLOSING_READ_BYTES, "first byte {first:#x}");
+            assert!(w.is_deaf());
+            if first == 0x82 {
+                assert_eq!(
+                    messages,
+                    65536 / 1008,
+                    "the whole frames among the bytes read"
+                );
+            }
+        }
     }
 
     fn text(n: usize) -> Utf8Bytes {

@@ -134,6 +134,7 @@ impl Server {
             timer_at: None,
             queued_read: false,
             per_client: !refused,
+            deaf: false,
         });
         self.schedule_conn(id, at);
         if refused {
@@ -348,9 +349,10 @@ impl Server {
                 Kind::Chat(at)
             }
         };
-        if let Some(slot) = self.slot(id) {
+        if let Some(slot) = super::slot_in(&mut self.conns, id) {
+            let totals = &self.unsent;
             slot.conn
-                .upgrade(kind, rest, ws_config, max_unsent, heartbeat);
+                .upgrade(kind, rest, ws_config, max_unsent, heartbeat, totals);
             slot.timer_at = None;
         }
         self.schedule_conn(id, heartbeat.poll_at());

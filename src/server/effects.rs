@@ -139,7 +139,11 @@ impl Server {
     /// queued still goes out during its close handshake.
     fn replace(&mut self, id: ConnId) {
         let deadline = self.now.mono + CLOSE_TIMEOUT;
-        let Some(conn) = self.conn(id) else { return };
+        // Only an attached socket is replaced, and that one is open; a closing one keeps
+        // its deadline.
+        let Some(conn) = self.conn(id).filter(|c| c.is_open()) else {
+            return;
+        };
         info!(
             "user={} peer={} replaced by a new connection; closing it with 1000",
             conn.user(),

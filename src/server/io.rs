@@ -1,5 +1,6 @@
 //! WebSocket bytes in and out: reading messages with a per-connection budget, writing
-//! frames, flushing once per loop iteration, closing and removing connections.
+//! frames, flushing once per loop iteration, the server-wide unsent-bytes budget, closing
+//! and removing connections.
 
 use super::{Server, Slot, slot_in};
 use crate::conn::{ConnId, Stage, WsRead, WsWrite};
@@ -7,6 +8,7 @@ use crate::limits::Client;
 use crate::session::Detached;
 use crate::session::Outgoing;
 use log::{debug, info, warn};
+use mio::{Interest, Token};
 use std::time::Duration;
 use tungstenite::protocol::frame::coding::CloseCode;
 
@@ -14,7 +16,8 @@ use tungstenite::protocol::frame::coding::CloseCode;
 /// flooding client gets its turn again on the next iteration, not the whole loop).
 const READ_BUDGET_MESSAGES: usize = 32;
 
-/// How long a close handshake may take before the socket is dropped.
+/// How long a close handshake may take before the socket is dropped. Set once, when the
+/// close starts; nothing the peer does moves it.
 pub(super) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Server {
@@ -47,9 +50,17 @@ impl Server {
             let Some(conn) = self.conn(id) else { return };
             let closing = conn.stage() == Some(Stage::Closing);
             match conn.read_message(now) {
+                WsRead::Idle if closing && conn.is_deaf() => return self.stop_reading(id),
                 WsRead::Idle => return,
                 WsRead::Closed => return self.remove(id, "closed"),
                 WsRead::Lost(why) => return self.remove(id, &why),
+                // Our close frame is queued already: no second one, and its deadline
+                // stands. What is left is drained up to the closing read limit.
+                WsRead::Fail(_, why) if closing => debug!(
+                    "user={} peer={} closing: {why}; discarding the rest",
+                    conn.user(),
+                    conn.peer()
+                ),
                 WsRead::Fail(code, why) => {
                     warn!(
                         "user={} peer={} closing with {}: {why}",
@@ -67,6 +78,79 @@ impl Server {
         }
         // Budget spent: come back to this connection after the others had their turn.
         self.queue_read(id);
+    }
+
+    /// A closing socket read all it may (`CLOSING_READ_BYTES` since the close): it is not
+    /// listened to again. Its interest becomes writable only, so a peer that keeps sending
+    /// wakes the loop no more (its bytes stay in the kernel, and TCP's window stops it);
+    /// the socket goes at its close deadline, or when a write to it fails.
+    fn stop_reading(&mut self, id: ConnId) {
+        let Some(slot) = slot_in(&mut self.conns, id) else {
+            return;
+        };
+        // Hung up: nothing more will come that we would read, and the close reply we wait
+        // for cannot come either.
+        if slot.conn.hung_up() {
+            return self.remove(id, "hung up while closing");
+        }
+        if slot.deaf {
+            return;
+        }
+        slot.deaf = true;
+        debug!(
+            "user={} peer={} closing: read the most a closing socket may; reading no more",
+            slot.conn.user(),
+            slot.conn.peer()
+        );
+        let registered = match slot.conn.stream_mut() {
+            Some(s) => self
+                .poll
+                .registry()
+                .reregister(s, Token(id.slot()), Interest::WRITABLE),
+            None => Ok(()),
+        };
+        if let Err(e) = registered {
+            self.remove(id, &format!("cannot stop reading: {e}"));
+        }
+    }
+
+    /// Past `--max-buffered-bytes-total`: closes the open socket with the largest backlog
+    /// with 1008, then the next, until the open sockets' unsent bytes are within it; their
+    /// frames stay held for the user's next socket, as with `--max-buffered-bytes`. Run
+    /// after the iteration's flush, so that only what the kernel refused counts. Closing
+    /// sockets' backlogs are not counted (see `UnsentTotals`), so they cannot close others.
+    ///
+    /// The largest is found by a scan of the connections, made only while over the budget
+    /// and ended by a close each time: O(n) per close, where a structure ordered by backlog
+    /// would cost O(log n) on every write and flush of every connection instead.
+    pub(super) fn enforce_unsent_budget(&mut self) {
+        let budget = self.config.max_buffered_bytes_total;
+        let mut closed = false;
+        while self.unsent.open() > budget {
+            let largest = self
+                .conns
+                .iter()
+                .filter(|(_, s)| s.conn.is_open())
+                .map(|(_, s)| (s.conn.unsent(), s.conn.id()))
+                .max();
+            let Some((unsent, id)) = largest.filter(|(n, _)| *n > 0) else {
+                break;
+            };
+            if let Some(conn) = self.conn(id) {
+                warn!(
+                    "user={} peer={} slow consumer: {unsent} bytes unread, the largest backlog while all sockets together hold more than {budget}; closing with 1008; undelivered frames stay held",
+                    conn.user(),
+                    conn.peer()
+                );
+            }
+            self.metrics.unsent_budget_closed();
+            self.close_conn(id, CloseCode::Policy, "slow consumer");
+            closed = true;
+        }
+        if closed {
+            // The close frames go out now, not at the next event.
+            self.flush_all();
+        }
     }
 
     /// Writes a session frame to `id` if it is still open.
@@ -139,8 +223,12 @@ impl Server {
         }
     }
 
-    /// Starts the close handshake and detaches the socket from its session.
+    /// Starts the close handshake and detaches the socket from its session; a socket not
+    /// open (closing already) is left as it is.
     pub(super) fn close_conn(&mut self, id: ConnId, code: CloseCode, reason: &str) {
+        if !self.conn(id).is_some_and(|c| c.is_open()) {
+            return;
+        }
         self.detach(id);
         let deadline = self.now.mono + CLOSE_TIMEOUT;
         let Some(Slot { conn, .. }) = slot_in(&mut self.conns, id) else {

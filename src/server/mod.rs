@@ -4,8 +4,9 @@
 //! turns to start). Agents run on the worker pool and come back through the waker.
 //!
 //! Files by owner: this one the loop and its shutdown; `accept.rs` accepting and the HTTP
-//! phase; `io.rs` WebSocket reads, writes, flushes and closes; `effects.rs` chat messages
-//! into the session table and its effects out; `timers.rs` the deadlines.
+//! phase; `io.rs` WebSocket reads, writes, flushes and closes, and the server-wide unsent
+//! budget; `effects.rs` chat messages into the session table and its effects out;
+//! `timers.rs` the deadlines.
 
 mod accept;
 mod api;
@@ -18,7 +19,7 @@ use crate::agent::Backend;
 use crate::agent::pool::{Notifier, Pool};
 use crate::auth::Secret;
 use crate::config::Config;
-use crate::conn::{Conn, ConnId, READ_BUFFER_BYTES, Stage};
+use crate::conn::{Conn, ConnId, READ_BUFFER_BYTES, Stage, UnsentTotals};
 use crate::limits::PerClient;
 use crate::metrics::{self, Gauges, Metrics, StateGauges};
 use crate::protocol::unix_now;
@@ -99,6 +100,8 @@ struct Slot {
     queued_read: bool,
     /// Counted in `per_client` (to be uncounted when it goes).
     per_client: bool,
+    /// A closing socket no longer registered for reading (see `Server::stop_reading`).
+    deaf: bool,
 }
 
 /// The server: everything the event loop owns.
@@ -152,6 +155,9 @@ pub struct Server {
     jwt: Option<Secret>,
     /// Open connections and upgrade attempts per client address.
     per_client: PerClient,
+    /// Unsent bytes of all sockets, kept by the sockets themselves as they change
+    /// (`--max-buffered-bytes-total`).
+    unsent: UnsentTotals,
 }
 
 impl Server {
@@ -248,6 +254,7 @@ impl Server {
                 config.max_connections_per_ip,
                 config.max_connects_per_minute_per_ip,
             ),
+            unsent: UnsentTotals::default(),
             config,
         })
     }
@@ -361,6 +368,7 @@ impl Server {
             self.run_timers();
             self.sessions.enforce_budgets();
             self.flush_all();
+            self.enforce_unsent_budget();
             if let Some(store) = &mut self.store {
                 store.after_iteration(&mut self.sessions, self.now);
             }
@@ -472,6 +480,8 @@ impl Server {
             held_frames: count(table.held_frames),
             held_bytes: count(table.held_bytes),
             history_bytes: count(table.history_bytes),
+            unsent_open: count(self.unsent.open()),
+            unsent_closing: count(self.unsent.closing()),
             state,
         })
     }

@@ -5,7 +5,6 @@
 
 mod durable;
 mod table;
-mod tally;
 
 pub use table::{Detached, Effect, SessionRef, Sessions, TableLimits};
 
@@ -14,12 +13,12 @@ use crate::conn::ConnId;
 use crate::limits::Bucket;
 use crate::protocol::{ClientMessage, ErrorName, Held, UserId, encode_held, encode_token};
 use crate::store::Change;
+use crate::tally::Tally;
 use log::warn;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
-use tally::Tally;
 use tungstenite::Utf8Bytes;
 
 /// The session bounds from the configuration.

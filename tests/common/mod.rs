@@ -646,6 +646,21 @@ pub fn raw_ws(addr: SocketAddr, path: &str) -> TcpStream {
     s
 }
 
+/// Like [`raw_ws`], from a socket whose receive buffer is tiny (4 KiB), so that what the
+/// server sends and the client leaves unread piles up unsent on the server's side.
+pub fn tiny_window(addr: SocketAddr, path: &str) -> TcpStream {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+    sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    sock.connect_timeout(&addr.into(), Duration::from_secs(5))
+        .expect("connect");
+    let mut s: TcpStream = sock.into();
+    s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(READ_TIMEOUT)).unwrap();
+    raw_handshake(&mut s, addr, path);
+    s
+}
+
 pub const OP_CONT: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
 pub const OP_BINARY: u8 = 0x2;
