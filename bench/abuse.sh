@@ -14,7 +14,10 @@
 # server does not know makes it exit).
 #
 # Environment: PORT (19400: the first port tried), ECHO_DELAY_MS (1: the echo agent's pause
-# per word), LOG_LEVEL (info), CARGO_TARGET_DIR (target), OUT (bench/abuse-results.json).
+# per word), LOG_LEVEL (info), RT (0; 1, as root: the server and the soak client at
+# SCHED_FIFO priority 1, so that other people's compilers on a shared machine do not delay
+# their wake-ups; both sleep between their work), CARGO_TARGET_DIR (target),
+# OUT (bench/abuse-results.json).
 # Everything listens on and targets loopback, every phase is bounded, the client has a hard
 # timeout, and the server is stopped on any exit (trap).
 set -euo pipefail
@@ -23,6 +26,9 @@ cd "$(dirname "$0")/.."
 PORT=${PORT:-19400}
 ECHO_DELAY_MS=${ECHO_DELAY_MS:-1}
 LOG_LEVEL=${LOG_LEVEL:-info}
+RT=${RT:-0}
+PRIO=()
+if [[ $RT == 1 ]]; then PRIO=(chrt -f 1); fi
 TARGET=${CARGO_TARGET_DIR:-target}
 OUT=${OUT:-bench/abuse-results.json}
 
@@ -74,7 +80,7 @@ done
 SERVER_CMD=("$BIN/straycat" --listen "127.0.0.1:$PORT" --echo-delay-ms "$ECHO_DELAY_MS"
     --log-level "$LOG_LEVEL" ${SERVER_ARGS[@]+"${SERVER_ARGS[@]}"})
 echo "== server: ${SERVER_CMD[*]}" >&2
-"${SERVER_CMD[@]}" 2>>"$LOG" &
+${PRIO[@]+"${PRIO[@]}"} "${SERVER_CMD[@]}" 2>>"$LOG" &
 SPID=$!
 for _ in $(seq 100); do
     if ss -Hltn "sport = :$PORT" | grep -q .; then break; fi
@@ -91,7 +97,7 @@ CLIENT_CMD=("$BIN/examples/abuse" --addr "127.0.0.1:$PORT" --pid "$SPID"
 echo "== soak: ${CLIENT_CMD[*]}" >&2
 loadavg_start=$(cut -d' ' -f1 /proc/loadavg)
 # A hard bound whatever the phases: 10 minutes.
-timeout 600 "${CLIENT_CMD[@]}" >"$CLIENT_OUT" &
+timeout 600 ${PRIO[@]+"${PRIO[@]}"} "${CLIENT_CMD[@]}" >"$CLIENT_OUT" &
 CPID=$!
 client_rc=0
 wait "$CPID" || client_rc=$?
@@ -117,5 +123,5 @@ if [[ $client_rc != 0 ]]; then
 fi
 python3 bench/abuse_table.py --merge "$CLIENT_OUT" --log "$LOG" --out "$OUT" \
     --server-alive "$server_alive" --server-exit "$server_rc" \
-    --command "bash bench/abuse.sh $*" --server-cmd "${SERVER_CMD[*]}" \
+    --command "RT=$RT bash bench/abuse.sh $*" --server-cmd "${SERVER_CMD[*]}" \
     --loadavg-start "$loadavg_start"

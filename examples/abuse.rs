@@ -702,11 +702,13 @@ struct Upgraded {
     /// Read what the server sends (else never: a slow consumer).
     read: bool,
     tick: Duration,
+    /// What it sends each tick (once the previous tick's bytes are out).
+    batch: Vec<u8>,
 }
 
-/// An upgraded socket that sends what `produce` gives it every tick, reconnecting when
-/// the server drops it.
-fn upgraded(shared: Arc<Shared>, u: Upgraded, mut produce: impl FnMut(&mut Vec<u8>)) {
+/// An upgraded socket that sends its batch every tick, reconnecting when the server
+/// drops it.
+fn upgraded(shared: Arc<Shared>, u: Upgraded) {
     let addr = shared.opts.addr;
     while shared.attacking() {
         let (mut stream, rest) = match upgrade(u.src, addr, &u.path, u.rcvbuf) {
@@ -728,7 +730,7 @@ fn upgraded(shared: Arc<Shared>, u: Upgraded, mut produce: impl FnMut(&mut Vec<u
                 break None;
             }
             if pending.is_empty() {
-                produce(&mut pending);
+                pending.extend_from_slice(&u.batch);
             } else {
                 shared.count(u.kind, "send_blocked");
             }
@@ -1295,10 +1297,9 @@ fn start_attackers(shared: &Arc<Shared>) -> Vec<JoinHandle<()>> {
             rcvbuf: Some(4096),
             read: false,
             tick: Duration::from_millis(100),
+            batch: f,
         };
-        spawn(Box::new(move |s| {
-            upgraded(s, u, move |p| p.extend_from_slice(&f))
-        }));
+        spawn(Box::new(move |s| upgraded(s, u)));
     }
     for i in 0..o.ping_floods {
         // A batch every 10 ms.
@@ -1314,10 +1315,9 @@ fn start_attackers(shared: &Arc<Shared>) -> Vec<JoinHandle<()>> {
             rcvbuf: None,
             read: true,
             tick: Duration::from_millis(10),
+            batch: pings,
         };
-        spawn(Box::new(move |s| {
-            upgraded(s, u, move |p| p.extend_from_slice(&pings))
-        }));
+        spawn(Box::new(move |s| upgraded(s, u)));
     }
     for t in 0..o.storm_threads {
         spawn(Box::new(move |s| storm(s, t)));
@@ -1350,10 +1350,9 @@ fn start_attackers(shared: &Arc<Shared>) -> Vec<JoinHandle<()>> {
             rcvbuf: None,
             read: true,
             tick: Duration::from_millis(100),
+            batch,
         };
-        spawn(Box::new(move |s| {
-            upgraded(s, u, move |p| p.extend_from_slice(&batch))
-        }));
+        spawn(Box::new(move |s| upgraded(s, u)));
     }
     threads
 }
