@@ -9,9 +9,9 @@
 #   bash bench/abuse.sh                                    # about 90 s after the build
 #   bash bench/abuse.sh --users 100 -- --max-connections-per-ip 64
 #
-# Arguments before `--` go to the soak client (examples/abuse.rs: see its --help-ish usage
-# by passing --usage), the ones after it to the server (none by default, since an option the
-# server does not know makes it exit).
+# Arguments before `--` go to the soak client (examples/abuse.rs: phase lengths, users,
+# attacker counts and rates; `--help` prints them), the ones after it to the server (none by
+# default, since an option the server does not know makes it exit).
 #
 # Environment: PORT (19400: the first port tried), ECHO_DELAY_MS (1: the echo agent's pause
 # per word), LOG_LEVEL (info), RT (0; 1, as root: the server and the soak client at

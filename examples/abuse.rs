@@ -148,6 +148,9 @@ fn parse_opts() -> Result<Opts, String> {
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
+        if a == "--help" || a == "-h" {
+            return Err("the soak's options:".into());
+        }
         let v = args.next().ok_or_else(|| format!("{a} needs a value"))?;
         let n = || {
             v.parse::<u64>()
