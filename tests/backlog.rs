@@ -259,3 +259,50 @@ fn past_the_total_budget_the_largest_backlogs_close_and_keep_their_frames() {
     }
     drop(big);
 }
+
+/// The kernel's send buffer of a client socket is fixed, not autotuned: a client that never
+/// reads pins at most that much kernel memory, not `tcp_wmem`'s maximum (4 MiB on Debian),
+/// which no budget of ours would see.
+#[test]
+fn a_reader_that_never_reads_pins_little_kernel_memory() {
+    let max_unsent = 256 * 1024;
+    let server = Server::start(&[
+        "--raw-echo",
+        "--max-buffered-bytes",
+        &max_unsent.to_string(),
+    ]);
+    let mut s = tiny_window(server.addr(), "/echo");
+    // Short: what is queued for the client must be read well before the close deadline
+    // (5 s) resets the connection and the kernel throws it away.
+    s.set_write_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    // 8 MiB of echoes asked for, none read, until the server closes with 1008 and stops
+    // reading (a write then blocks, and times out).
+    let burst = frames(128, 64 * 1024);
+    let _ = s.write_all(&burst);
+    assert!(
+        server.wait_log("slow consumer", Duration::from_secs(30)),
+        "{:?}",
+        server.logs()
+    );
+    // Everything that reaches the client now was in the kernel's buffers or in the
+    // server's backlog (at most --max-buffered-bytes and one frame) when it closed.
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut received = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match std::io::Read::read(&mut s, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => received += n as u64,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            // The reset at the close deadline (our flood was never read).
+            Err(_) => break,
+        }
+    }
+    let bound = max_unsent as u64 + 64 * 1024 + (1 << 20);
+    eprintln!("received after the close: {received} bytes (bound {bound})");
+    assert!(
+        received < bound,
+        "{received} bytes were queued for a client that never read: the kernel buffered far more than its fixed send buffer"
+    );
+}
