@@ -33,6 +33,10 @@ pub struct Config {
     pub max_buffered_bytes: usize,
     /// Shared secret every `/ws` upgrade must carry as `?token=`; `None` disables auth.
     pub api_key: Option<String>,
+    /// PEM certificate chain: with it (and `tls_key`) the listener serves only TLS.
+    pub tls_cert: Option<String>,
+    /// PEM private key of `tls_cert` (PKCS#8, PKCS#1 RSA or SEC1 EC).
+    pub tls_key: Option<String>,
     /// How long a session with no socket and no work is kept.
     pub session_ttl: Duration,
     /// Conversation turns (a user message and its reply) kept per session for the agent.
@@ -121,6 +125,8 @@ impl Default for Config {
             max_connections: 1024,
             max_buffered_bytes: 1024 * 1024,
             api_key: None,
+            tls_cert: None,
+            tls_key: None,
             session_ttl: Duration::from_secs(3600),
             history_turns: 20,
             max_held_frames: 256,
@@ -265,7 +271,27 @@ where
         )?;
     }
     check_agent(&cfg)?;
+    check_tls(&cfg)?;
     Ok(Command::Run(Box::new(cfg)))
+}
+
+/// The error for `--tls-cert` without `--tls-key` or the other way round.
+pub(crate) const TLS_PAIR: &str =
+    "--tls-cert and --tls-key go together: give both (TLS) or neither (plain)";
+
+/// The error for TLS options given to a build without TLS.
+#[cfg_attr(feature = "tls", allow(dead_code))]
+pub(crate) const NO_TLS: &str =
+    "--tls-cert/--tls-key: this straycat was built without TLS (the tls cargo feature)";
+
+/// Both TLS files or neither, and only in a build that has TLS.
+fn check_tls(cfg: &Config) -> Result<(), ConfigError> {
+    match (&cfg.tls_cert, &cfg.tls_key) {
+        (None, None) => Ok(()),
+        (Some(_), Some(_)) if cfg!(feature = "tls") => Ok(()),
+        (Some(_), Some(_)) => Err(ConfigError(NO_TLS.to_string())),
+        _ => Err(ConfigError(TLS_PAIR.to_string())),
+    }
 }
 
 /// What the chosen agent cannot do without.

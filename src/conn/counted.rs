@@ -1,6 +1,7 @@
 //! The socket under tungstenite: counts the bytes the kernel accepted, and reads through one
 //! buffer shared by every connection of the loop thread.
 
+use super::stream::Socket;
 use std::io::{self, Read, Write};
 
 /// Bytes read from the kernel per `read` call: a few messages' worth. Also the most a
@@ -43,7 +44,7 @@ pub struct Counted<S> {
     stash_at: usize,
 }
 
-impl<S> Counted<S> {
+impl<S: Socket> Counted<S> {
     /// Wraps `inner`; `hung_up` when a hang-up was already seen on it.
     pub fn new(inner: S, hung_up: bool) -> Counted<S> {
         Counted {
@@ -56,15 +57,17 @@ impl<S> Counted<S> {
         }
     }
 
-    /// Bytes the kernel accepted so far.
+    /// Bytes the kernel accepted so far. Over TLS, plaintext rustls took whose record is
+    /// not all with the kernel yet does not count ([`Socket::unsent_accepted`]).
     pub fn written(&self) -> u64 {
-        self.written
+        self.written.saturating_sub(self.inner.unsent_accepted())
     }
 
     /// A readable event arrived (`hung_up`: with the peer's hang-up or an error).
     pub fn readable_again(&mut self, hung_up: bool) {
         self.drained = false;
         self.hung_up |= hung_up;
+        self.inner.readable_again(hung_up);
     }
 
     /// The socket itself.
@@ -73,13 +76,15 @@ impl<S> Counted<S> {
     }
 }
 
-impl<S: Read> Counted<S> {
+impl<S: Socket> Counted<S> {
     /// Reads from the kernel through the scratch buffer.
     fn read_kernel(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             let n = self.inner.read(&mut scratch[..])?;
-            self.drained = n > 0 && n < scratch.len();
+            // Over TLS a short read says nothing of the records rustls already holds: the
+            // stream keeps its own account (`Socket::short_read_drains`).
+            self.drained = n > 0 && n < scratch.len() && self.inner.short_read_drains();
             let give = n.min(buf.len());
             buf[..give].copy_from_slice(&scratch[..give]);
             if n > give {
@@ -92,7 +97,7 @@ impl<S: Read> Counted<S> {
     }
 }
 
-impl<S: Read> Read for Counted<S> {
+impl<S: Socket> Read for Counted<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
@@ -157,6 +162,11 @@ impl Read for MockStream {
         }
         Ok(n)
     }
+}
+
+#[cfg(test)]
+impl Socket for MockStream {
+    fn shutdown_write(&mut self) {}
 }
 
 #[cfg(test)]

@@ -3,8 +3,9 @@
 //! the kernel has taken.
 
 use super::counted::Counted;
+use super::stream::Socket;
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -230,18 +231,6 @@ impl<S: Socket> Ws<S> {
     }
 }
 
-/// What a WebSocket runs over: a non-blocking byte stream that can be half-closed.
-pub trait Socket: Read + Write {
-    /// Shuts the write side: the peer sees the end of the stream.
-    fn shutdown_write(&mut self);
-}
-
-impl Socket for mio::net::TcpStream {
-    fn shutdown_write(&mut self) {
-        let _ = self.shutdown(std::net::Shutdown::Write);
-    }
-}
-
 /// Reads and drops whatever the peer still sends, until it closes.
 fn drain_raw(stream: &mut impl Read) -> WsRead {
     let mut scratch = [0u8; 1024];
@@ -270,10 +259,6 @@ fn ws_result(r: tungstenite::Result<()>) -> WsWrite {
 mod tests {
     use super::super::counted::MockStream;
     use super::*;
-
-    impl Socket for MockStream {
-        fn shutdown_write(&mut self) {}
-    }
 
     fn ws(room: usize, max_unsent: usize) -> Ws<MockStream> {
         let config = WebSocketConfig::default()

@@ -3,7 +3,7 @@
 
 use super::timers::TimerKey;
 use super::{Server, Slot};
-use crate::conn::{Conn, ConnId, HeadRead, Heartbeat, Kind, Stage, Upgrade};
+use crate::conn::{Conn, ConnId, HeadRead, Heartbeat, Kind, Stage, Stream, Upgrade};
 use crate::http::{self, Route};
 use crate::metrics;
 use crate::page;
@@ -60,20 +60,40 @@ impl Server {
         }
     }
 
-    fn admit(&mut self, mut stream: TcpStream, peer: SocketAddr) {
+    fn admit(&mut self, mut tcp: TcpStream, peer: SocketAddr) {
         let now = self.now.mono;
-        let _ = stream.set_nodelay(true);
+        let _ = tcp.set_nodelay(true);
         let live = self.conns.len() - self.refusing;
         let over_cap = live >= self.config.max_connections;
+        if over_cap && self.tls.is_some() {
+            // A 503 would take a TLS handshake first: the CPU and time the cap is there to
+            // save. The client sees the connection closed.
+            warn!(
+                "user=- peer={peer} refused (closed): connection cap {} reached",
+                self.config.max_connections
+            );
+            self.metrics.refused(503);
+            return;
+        }
         if over_cap && self.refusing >= REFUSAL_SLACK {
             warn!(
                 "user=- peer={peer} refused: connection cap {} reached",
                 self.config.max_connections
             );
             self.metrics.refused(503);
-            let _ = stream.write(&http::refusal(503, "too many connections"));
+            let _ = tcp.write(&http::refusal(503, "too many connections"));
             return;
         }
+        let stream = match &self.tls {
+            None => Stream::Plain(tcp),
+            Some(tls) => match tls.accept(tcp) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    error!("user=- peer={peer} {e}");
+                    return;
+                }
+            },
+        };
         let id = ConnId::new(self.conns.vacant_key(), self.next_generation);
         self.next_generation += 1;
         let mut conn = if over_cap {
@@ -152,7 +172,14 @@ impl Server {
                 Err(why) => self.remove(id, &why),
             },
             Some(Stage::Open | Stage::Closing) => self.flush(id),
-            _ => {}
+            // Nothing of their own to write; TLS may have (its handshake, tickets, the
+            // close_notify of a lingering socket).
+            Some(Stage::Handshake | Stage::Linger | Stage::Await) => {
+                if let Err(why) = conn.flush_tls() {
+                    self.remove(id, &why);
+                }
+            }
+            None => {}
         }
     }
 
