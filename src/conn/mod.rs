@@ -10,7 +10,9 @@ mod ws;
 
 pub use handshake::HeadRead;
 pub use heartbeat::{Beat, Heartbeat};
-pub use stream::{Stream, TlsStream};
+pub use stream::Stream;
+#[cfg(feature = "tls")]
+pub use stream::TlsStream;
 pub use ws::{WsRead, WsWrite};
 
 use crate::http::ChatTarget;

@@ -12,7 +12,9 @@
 //! - flush: TLS records to the kernel until `WouldBlock`;
 //! - shutdown: `close_notify`, then the TCP write side once everything before it is out.
 
-use super::ws::{is_interrupted, is_would_block};
+#[cfg(feature = "tls")]
+use super::ws::is_interrupted;
+use super::ws::is_would_block;
 use mio::net::TcpStream;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -52,6 +54,7 @@ pub enum Stream {
     /// Plain TCP.
     Plain(TcpStream),
     /// TLS (`--tls-cert`).
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
     Tls(Box<TlsStream>),
 }
 
