@@ -246,6 +246,12 @@ mod with_tls {
             &mut self.tcp
         }
 
+        /// Whether the TLS handshake is still going on.
+        #[cfg(test)]
+        pub fn is_handshaking(&self) -> bool {
+            self.tls.is_handshaking()
+        }
+
         /// The TLS error that failed the connection, if any.
         pub fn error(&self) -> Option<&str> {
             self.error.as_deref()
@@ -347,6 +353,12 @@ mod with_tls {
                         return Err(e);
                     }
                     Err(e) if is_interrupted(&e) => continue,
+                    // rustls refusing the bytes (a handshake message over its 64 KiB): a
+                    // TLS failure like any other, for the log.
+                    Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                        self.error = Some(e.to_string());
+                        return Err(e);
+                    }
                     Err(e) => return Err(e),
                 }
                 if let Err(e) = self.tls.process_new_packets() {
@@ -405,5 +417,139 @@ mod with_tls {
                 let _ = self.tls.write_tls(&mut self.tcp);
             }
         }
+    }
+}
+
+#[cfg(all(test, feature = "tls"))]
+mod tests {
+    use super::super::counted::MockStream;
+    use super::TlsStream;
+    use rustls::pki_types::ServerName;
+    use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
+    use std::io::{self, Read, Write};
+    use std::sync::Arc;
+
+    /// A server `TlsStream` over a mock socket and a rustls client, handshake done.
+    fn pair() -> (TlsStream<MockStream>, ClientConnection) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let client = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut s = TlsStream::new(
+            MockStream {
+                room: usize::MAX,
+                ..Default::default()
+            },
+            ServerConnection::new(Arc::new(server)).unwrap(),
+        );
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut c = ClientConnection::new(Arc::new(client), name).unwrap();
+        for _ in 0..10 {
+            to_server(&mut c, &mut s);
+            let _ = s.read(&mut [0u8; 64]);
+            to_client(&mut s, &mut c);
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return (s, c);
+            }
+        }
+        panic!("no handshake");
+    }
+
+    fn to_server(c: &mut ClientConnection, s: &mut TlsStream<MockStream>) {
+        let mut wire = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut wire).unwrap();
+        }
+        s.tcp_mut().input.extend(wire);
+        s.readable_again(false);
+    }
+
+    fn to_client(s: &mut TlsStream<MockStream>, c: &mut ClientConnection) {
+        let out = std::mem::take(&mut s.tcp_mut().output);
+        let mut rd = &out[..];
+        while !rd.is_empty() {
+            c.read_tls(&mut rd).unwrap();
+            c.process_new_packets().unwrap();
+        }
+    }
+
+    fn would_block<T>(r: io::Result<T>) -> bool {
+        matches!(r, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    #[test]
+    fn plaintext_counts_as_unsent_until_its_record_is_with_the_kernel() {
+        let (mut s, mut c) = pair();
+        s.tcp_mut().room = 100;
+        let data = vec![7u8; 40_000];
+        assert_eq!(s.write(&data).unwrap(), 16 * 1024, "one record at a time");
+        assert_eq!(s.unsent_accepted(), 16 * 1024, "its record is not out");
+        assert!(
+            would_block(s.write(&data[16 * 1024..])),
+            "nothing more meanwhile"
+        );
+        assert!(would_block(s.flush()));
+        s.tcp_mut().room = usize::MAX;
+        s.flush().unwrap();
+        assert_eq!(s.unsent_accepted(), 0, "all of it with the kernel");
+        to_client(&mut s, &mut c);
+        let mut got = vec![0u8; 20_000];
+        assert_eq!(c.reader().read(&mut got).unwrap(), 16 * 1024);
+    }
+
+    #[test]
+    fn records_already_read_are_served_without_a_new_event() {
+        let (mut s, mut c) = pair();
+        for i in 0..20u8 {
+            c.writer().write_all(&[i; 300]).unwrap();
+        }
+        to_server(&mut c, &mut s);
+        let mut all = Vec::new();
+        let mut buf = [0u8; 1000];
+        // Small reads, as tungstenite's: each one short of the 6,000 bytes in flight.
+        loop {
+            match s.read(&mut buf) {
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(
+            all.len(),
+            6000,
+            "every record, with no readable event between"
+        );
+        let reads = s.tcp_mut().reads;
+        assert!(would_block(s.read(&mut buf)));
+        assert_eq!(s.tcp_mut().reads, reads, "the kernel was empty: no syscall");
+    }
+
+    #[test]
+    fn a_tls_failure_is_recorded_and_sticks() {
+        let (mut s, _) = pair();
+        s.tcp_mut()
+            .input
+            .extend([0x17, 0x03, 0x03, 0x00, 0x05, 1, 2, 3, 4, 5]);
+        s.readable_again(false);
+        assert!(s.read(&mut [0u8; 64]).is_err());
+        assert!(s.error().is_some());
+        assert!(s.read(&mut [0u8; 64]).is_err());
+        assert!(s.write(b"x").is_err());
     }
 }
