@@ -416,6 +416,30 @@ fn sighup_reloads_the_certificate_and_open_connections_keep_theirs() {
 }
 
 #[test]
+fn past_the_connection_cap_a_tls_client_is_closed_without_a_handshake() {
+    let cert = make_cert("straycat-test", 14);
+    let files = Files::new("cap", &cert);
+    let server = start(&files, &["--max-connections", "1"]);
+    let config = client_config(&[&cert]);
+    let mut first = wss(server.addr(), &config, "/ws/first");
+    first.turn("first", "i hold the only slot", "f1");
+    let tcp = common::tcp(server.addr());
+    let name = ServerName::try_from("localhost").expect("name");
+    let conn = ClientConnection::new(Arc::clone(&config), name).expect("client connection");
+    let mut tls = StreamOwned::new(conn, tcp);
+    let mut refused = false;
+    while tls.conn.is_handshaking() {
+        if tls.conn.complete_io(&mut tls.sock).is_err() {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "no handshake past the cap");
+    assert!(server.wait_log("refused (closed): connection cap 1 reached", READ_TIMEOUT));
+    first.turn("first", "still served", "f2");
+}
+
+#[test]
 fn a_large_message_and_reply_cross_tls_whole() {
     let cert = make_cert("straycat-test", 5);
     let files = Files::new("large", &cert);
