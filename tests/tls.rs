@@ -97,6 +97,16 @@ fn start(files: &Files, extra: &[&str]) -> Server {
     Server::start(&args)
 }
 
+/// A server on a fresh certificate (`serial` tells the tests' certificates apart) and a
+/// client config trusting it; the files live as long as the returned `Files`.
+fn setup(tag: &str, serial: u64, extra: &[&str]) -> (Files, Server, Arc<ClientConfig>) {
+    let cert = make_cert("straycat-test", serial);
+    let files = Files::new(tag, &cert);
+    let server = start(&files, extra);
+    let config = client_config(&[&cert]);
+    (files, server, config)
+}
+
 /// A client config trusting exactly `certs` (self-signed, each its own root).
 fn client_config(certs: &[&Cert]) -> Arc<ClientConfig> {
     let mut roots = RootCertStore::empty();
@@ -263,10 +273,7 @@ fn https_serves_health_the_page_and_metrics() {
 
 #[test]
 fn a_plain_client_on_the_tls_port_is_dropped_and_others_chat_on() {
-    let cert = make_cert("straycat-test", 3);
-    let files = Files::new("plain", &cert);
-    let server = start(&files, &[]);
-    let config = client_config(&[&cert]);
+    let (_files, server, config) = setup("plain", 3, &[]);
     let mut alice = wss(server.addr(), &config, "/ws/alice");
     alice.turn("alice", "before the plain client", "a1");
 
@@ -417,10 +424,7 @@ fn sighup_reloads_the_certificate_and_open_connections_keep_theirs() {
 
 #[test]
 fn past_the_connection_cap_a_tls_client_is_closed_without_a_handshake() {
-    let cert = make_cert("straycat-test", 14);
-    let files = Files::new("cap", &cert);
-    let server = start(&files, &["--max-connections", "1"]);
-    let config = client_config(&[&cert]);
+    let (_files, server, config) = setup("cap", 14, &["--max-connections", "1"]);
     let mut first = wss(server.addr(), &config, "/ws/first");
     first.turn("first", "i hold the only slot", "f1");
     let tcp = common::tcp(server.addr());
@@ -441,10 +445,9 @@ fn past_the_connection_cap_a_tls_client_is_closed_without_a_handshake() {
 
 #[test]
 fn a_large_message_and_reply_cross_tls_whole() {
-    let cert = make_cert("straycat-test", 5);
-    let files = Files::new("large", &cert);
-    let server = start(
-        &files,
+    let (_files, server, config) = setup(
+        "large",
+        5,
         &[
             "--max-message-bytes",
             "1048576",
@@ -452,7 +455,6 @@ fn a_large_message_and_reply_cross_tls_whole() {
             "16777216",
         ],
     );
-    let config = client_config(&[&cert]);
     let mut c = wss(server.addr(), &config, "/ws/big");
     // About 400 KB in one message; the reply is its words as tokens, then all of it again.
     let text: String = (0..4000)
@@ -471,10 +473,7 @@ fn a_burst_of_small_messages_is_all_read() {
     // kernel read and returns less than a read asks for. No readable event announces what
     // rustls (or the kernel) still holds, so a stream that took a short read for "empty"
     // would strand messages here and the client would wait for ever.
-    let cert = make_cert("straycat-test", 9);
-    let files = Files::new("burst", &cert);
-    let server = start(&files, &["--max-queued-turns", "200"]);
-    let config = client_config(&[&cert]);
+    let (_files, server, config) = setup("burst", 9, &["--max-queued-turns", "200"]);
     let mut c = wss(server.addr(), &config, "/ws/burst");
     const N: usize = 150;
     // One TLS record per message, all handed to the kernel in one write.
