@@ -18,7 +18,10 @@
 //!   Cat upstream (`cat.rs`); upstream URLs resolved at start-up (`upstream.rs`).
 //! - `conn`: one connection: its phases (`conn/mod.rs`), the WebSocket with its
 //!   unsent-bytes accounting (`conn/ws.rs`), the counting socket (`conn/counted.rs`), the
+//!   stream under them, plain TCP or our TLS adapter over rustls (`conn/stream.rs`), the
 //!   heartbeat (`conn/heartbeat.rs`, pure).
+//! - `tls`: `--tls-cert`/`--tls-key`: the PEM files into a rustls config, and its reload on
+//!   SIGHUP (read on the signal thread, handed to the loop).
 //! - `store`: the state dir (`--state-dir`): the journal's records (`store/record.rs`,
 //!   pure), its writer thread with group commit and compaction (`store/journal.rs`),
 //!   start-up replay (`store/mod.rs`).
@@ -52,8 +55,10 @@ mod store;
 pub mod systemd;
 mod tally;
 mod timer;
+mod tls;
 
 pub use agent::{Agent, AgentError, Backend, EchoAgent, PolledAgent, PolledEcho, Turn, TurnOutput};
 pub use config::Config;
 pub use protocol::UserId;
 pub use server::{Server, ShutdownHandle};
+pub use tls::TlsSetupError;

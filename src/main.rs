@@ -7,7 +7,7 @@ use std::sync::Arc;
 use straycat::agent::{Cat, CatConfig, OpenAi, OpenAiConfig, Process, ProcessConfig};
 use straycat::config::{self, AgentKind, Command, Config};
 use straycat::systemd;
-use straycat::{Backend, PolledEcho, Server};
+use straycat::{Backend, PolledEcho, Server, TlsSetupError};
 
 fn main() -> ExitCode {
     let command = config::parse(std::env::args().skip(1), |k| std::env::var(k).ok());
@@ -41,9 +41,9 @@ fn main() -> ExitCode {
     straycat::logging::init(&config.log_level);
     let server = match build_server(*config) {
         Ok(s) => s,
-        Err(e) => {
+        Err((e, code)) => {
             log::error!("{e}");
-            return ExitCode::FAILURE;
+            return code;
         }
     };
     let server = match server.with_state_dir() {
@@ -67,19 +67,34 @@ fn main() -> ExitCode {
 }
 
 /// The server on the socket systemd handed over, or on `--listen`, with systemd
-/// notifications when `NOTIFY_SOCKET` is set.
-fn build_server(config: Config) -> Result<Server, String> {
-    let agent = backend(&config)?;
+/// notifications when `NOTIFY_SOCKET` is set. An error comes with its exit code: 2 for a
+/// certificate or key that cannot be used (like a bad option, not worth a restart), else 1.
+fn build_server(config: Config) -> Result<Server, (String, ExitCode)> {
+    let failed = |e: String| (e, ExitCode::FAILURE);
+    let agent = backend(&config).map_err(failed)?;
     let server = if systemd::listen_fds() >= 1 {
-        let listener = inherited_listener()?;
+        let listener = inherited_listener().map_err(failed)?;
         log::info!("using the listening socket passed by systemd (--listen is ignored)");
         Server::from_listener(listener, config, agent)
-            .map_err(|e| format!("cannot serve the inherited socket: {e}"))?
+            .map_err(|e| setup_error(e, "cannot serve the inherited socket"))?
     } else {
         let listen = config.listen;
-        Server::bind(config, agent).map_err(|e| format!("cannot listen on {listen}: {e}"))?
+        Server::bind(config, agent)
+            .map_err(|e| setup_error(e, &format!("cannot listen on {listen}")))?
     };
     Ok(server.with_systemd(systemd::notifier(), systemd::watchdog_interval()))
+}
+
+/// A failed start-up: a bad certificate or key is its own sentence and exit code 2; any
+/// other error is `doing: error`, exit code 1.
+fn setup_error(e: std::io::Error, doing: &str) -> (String, ExitCode) {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<TlsSetupError>())
+    {
+        Some(tls) => (tls.to_string(), ExitCode::from(2)),
+        None => (format!("{doing}: {e}"), ExitCode::FAILURE),
+    }
 }
 
 /// The agent `--agent` names, set up (an upstream's address resolved, here, once).

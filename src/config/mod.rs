@@ -49,6 +49,10 @@ pub struct Config {
     pub max_connects_per_minute_per_ip: u32,
     /// Connections a client address may have open at once; 0: no limit.
     pub max_connections_per_ip: u32,
+    /// PEM certificate chain: with it (and `tls_key`) the listener serves only TLS.
+    pub tls_cert: Option<String>,
+    /// PEM private key of `tls_cert` (PKCS#8, PKCS#1 RSA or SEC1 EC).
+    pub tls_key: Option<String>,
     /// How long a session with no socket and no work is kept.
     pub session_ttl: Duration,
     /// Conversation turns (a user message and its reply) kept per session for the agent.
@@ -143,6 +147,8 @@ impl Default for Config {
             max_messages_per_minute: 30,
             max_connects_per_minute_per_ip: 600,
             max_connections_per_ip: 256,
+            tls_cert: None,
+            tls_key: None,
             session_ttl: Duration::from_secs(3600),
             history_turns: 20,
             max_held_frames: 256,
@@ -303,6 +309,7 @@ where
         )?;
     }
     check_agent(&cfg)?;
+    check_tls(&cfg)?;
     Ok(Command::Run(Box::new(cfg)))
 }
 
@@ -362,6 +369,25 @@ where
             .filter(|s| !s.is_empty())
             .ok_or_else(|| missing("--jwt-secret or STRAYCAT_JWT_SECRET"))?,
     })
+}
+
+/// The error for `--tls-cert` without `--tls-key` or the other way round.
+pub(crate) const TLS_PAIR: &str =
+    "--tls-cert and --tls-key go together: give both (TLS) or neither (plain)";
+
+/// The error for TLS options given to a build without TLS.
+#[cfg_attr(feature = "tls", allow(dead_code))]
+pub(crate) const NO_TLS: &str =
+    "--tls-cert/--tls-key: this straycat was built without TLS (the tls cargo feature)";
+
+/// Both TLS files or neither, and only in a build that has TLS.
+fn check_tls(cfg: &Config) -> Result<(), ConfigError> {
+    match (&cfg.tls_cert, &cfg.tls_key) {
+        (None, None) => Ok(()),
+        (Some(_), Some(_)) if cfg!(feature = "tls") => Ok(()),
+        (Some(_), Some(_)) => Err(ConfigError(NO_TLS.to_string())),
+        _ => Err(ConfigError(TLS_PAIR.to_string())),
+    }
 }
 
 /// What the chosen agent cannot do without.

@@ -263,6 +263,20 @@ pub(super) const OPTS: &[Opt] = &[
         show: |c| c.max_connections_per_ip.to_string(),
     },
     Opt {
+        name: "tls-cert",
+        value: "FILE",
+        help: "serve only TLS (https://, wss://) with this PEM certificate chain; with --tls-key",
+        set: |c, v| v.optional_into(&mut c.tls_cert),
+        show: |c| c.tls_cert.clone().unwrap_or_default(),
+    },
+    Opt {
+        name: "tls-key",
+        value: "FILE",
+        help: "the PEM private key of --tls-cert (PKCS#8, RSA or EC); SIGHUP re-reads both",
+        set: |c, v| v.optional_into(&mut c.tls_key),
+        show: |c| c.tls_key.clone().unwrap_or_default(),
+    },
+    Opt {
         name: "session-ttl-secs",
         value: "SECS",
         help: "drop a session with no socket and no work after this long",

@@ -1,6 +1,7 @@
 //! The socket under tungstenite: counts the bytes the kernel accepted, and reads through one
 //! buffer shared by every connection of the loop thread.
 
+use super::stream::Socket;
 use std::io::{self, Read, Write};
 
 /// Bytes read from the kernel per `read` call: a few messages' worth. Also the most a
@@ -50,7 +51,7 @@ pub struct Counted<S> {
     stash_at: usize,
 }
 
-impl<S> Counted<S> {
+impl<S: Socket> Counted<S> {
     /// Wraps `inner`; `hung_up` when a hang-up was already seen on it.
     pub fn new(inner: S, hung_up: bool) -> Counted<S> {
         Counted {
@@ -65,9 +66,10 @@ impl<S> Counted<S> {
         }
     }
 
-    /// Bytes the kernel accepted so far.
+    /// Bytes the kernel accepted so far. Over TLS, plaintext rustls took whose record is
+    /// not all with the kernel yet does not count ([`Socket::unsent_accepted`]).
     pub fn written(&self) -> u64 {
-        self.written
+        self.written.saturating_sub(self.inner.unsent_accepted())
     }
 
     /// Takes at most `more` further bytes from the kernel (never raises an earlier limit).
@@ -84,6 +86,7 @@ impl<S> Counted<S> {
     pub fn readable_again(&mut self, hung_up: bool) {
         self.drained = false;
         self.hung_up |= hung_up;
+        self.inner.readable_again(hung_up);
     }
 
     /// The socket itself.
@@ -92,7 +95,7 @@ impl<S> Counted<S> {
     }
 }
 
-impl<S: Read> Counted<S> {
+impl<S: Socket> Counted<S> {
     /// Reads from the kernel through the scratch buffer.
     fn read_kernel(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         // Below the limit by at least 1 (checked by the caller); on 32 bits a limit past
@@ -103,7 +106,9 @@ impl<S: Read> Counted<S> {
             let want = scratch.len().min(room);
             let n = self.inner.read(&mut scratch[..want])?;
             self.read += n as u64;
-            self.drained = n > 0 && n < want;
+            // Over TLS a short read says nothing of the records rustls already holds: the
+            // stream keeps its own account (`Socket::short_read_drains`).
+            self.drained = n > 0 && n < want && self.inner.short_read_drains();
             let give = n.min(buf.len());
             buf[..give].copy_from_slice(&scratch[..give]);
             if n > give {
@@ -116,7 +121,7 @@ impl<S: Read> Counted<S> {
     }
 }
 
-impl<S: Read> Read for Counted<S> {
+impl<S: Socket> Read for Counted<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
@@ -181,6 +186,11 @@ impl Read for MockStream {
         }
         Ok(n)
     }
+}
+
+#[cfg(test)]
+impl Socket for MockStream {
+    fn shutdown_write(&mut self) {}
 }
 
 #[cfg(test)]

@@ -5,10 +5,14 @@
 mod counted;
 mod handshake;
 mod heartbeat;
+mod stream;
 mod ws;
 
 pub use handshake::HeadRead;
 pub use heartbeat::{Beat, Heartbeat};
+pub use stream::Stream;
+#[cfg(feature = "tls")]
+pub use stream::TlsStream;
 pub use ws::{UnsentTotals, WsRead, WsWrite};
 
 use crate::http::ChatTarget;
@@ -16,8 +20,9 @@ use crate::session::SessionRef;
 use mio::net::TcpStream;
 use std::borrow::Cow;
 use std::fmt;
-use std::net::{Shutdown, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Instant;
+use stream::Socket;
 use tungstenite::Message;
 use tungstenite::Utf8Bytes;
 use tungstenite::protocol::WebSocketConfig;
@@ -103,12 +108,12 @@ impl fmt::Display for Stage {
 /// The phases, each with what it needs.
 enum Phase {
     Handshake {
-        stream: TcpStream,
+        stream: Stream,
         /// Bytes read so far (at most `MAX_HEAD_BYTES`).
         buf: Vec<u8>,
     },
     Respond {
-        stream: TcpStream,
+        stream: Stream,
         /// The answer, and how much of it is written. The served page is static and not
         /// copied per request.
         out: Cow<'static, [u8]>,
@@ -121,21 +126,21 @@ enum Phase {
     /// closes, so that unread data does not turn our close into a reset that destroys the
     /// answer in flight.
     Linger {
-        stream: TcpStream,
+        stream: Stream,
         discarded: usize,
     },
     /// A request read, its answer not ready yet (a turn of `POST /message` runs).
     Await {
-        stream: TcpStream,
+        stream: Stream,
         discarded: usize,
     },
     Open {
-        ws: Box<Ws<TcpStream>>,
+        ws: Box<Ws<Stream>>,
         kind: Kind,
         heartbeat: Heartbeat,
     },
     Closing {
-        ws: Box<Ws<TcpStream>>,
+        ws: Box<Ws<Stream>>,
         kind: Kind,
     },
     /// Only while one phase is moved into the next, inside `Conn`'s methods.
@@ -162,7 +167,7 @@ pub struct Conn {
 impl Conn {
     /// A connection that has just been accepted; it has until `deadline` to send its
     /// request head.
-    pub fn new(id: ConnId, peer: SocketAddr, stream: TcpStream, deadline: Instant) -> Conn {
+    pub fn new(id: ConnId, peer: SocketAddr, stream: Stream, deadline: Instant) -> Conn {
         Conn {
             id,
             peer,
@@ -181,7 +186,7 @@ impl Conn {
     pub fn refused(
         id: ConnId,
         peer: SocketAddr,
-        stream: TcpStream,
+        stream: Stream,
         deadline: Instant,
         answer: Vec<u8>,
     ) -> Conn {
@@ -312,6 +317,11 @@ impl Conn {
 
     /// The socket, for (de)registration.
     pub fn stream_mut(&mut self) -> Option<&mut TcpStream> {
+        self.any_stream_mut().map(Stream::tcp_mut)
+    }
+
+    /// The stream (plain or TLS), in whichever phase.
+    fn any_stream_mut(&mut self) -> Option<&mut Stream> {
         match &mut self.phase {
             Phase::Handshake { stream, .. }
             | Phase::Respond { stream, .. }
@@ -322,7 +332,22 @@ impl Conn {
         }
     }
 
-    fn ws_mut(&mut self) -> Option<&mut Ws<TcpStream>> {
+    /// The TLS error that failed this connection, if one did (for the log line of its end).
+    pub fn tls_error(&mut self) -> Option<String> {
+        self.any_stream_mut()?.tls_error().map(str::to_string)
+    }
+
+    /// A writable event in a phase with nothing of its own to write (reading the head,
+    /// lingering, awaiting an answer): what TLS still has to send (its handshake, session
+    /// tickets, `close_notify`) goes out. `Err` when the socket failed.
+    pub fn flush_tls(&mut self) -> Result<(), String> {
+        match self.any_stream_mut() {
+            Some(stream) => stream.flush_tls(),
+            None => Ok(()),
+        }
+    }
+
+    fn ws_mut(&mut self) -> Option<&mut Ws<Stream>> {
         match &mut self.phase {
             Phase::Open { ws, .. } | Phase::Closing { ws, .. } => Some(ws),
             _ => None,
@@ -336,6 +361,8 @@ impl Conn {
         let hung_up = self.hung_up;
         if let Some(ws) = self.ws_mut() {
             ws.readable_again(hung_up);
+        } else if let Some(stream) = self.any_stream_mut() {
+            stream.readable_again(hung_up);
         }
     }
 
@@ -422,11 +449,11 @@ impl Conn {
                 Ok(Some(up))
             }
             Phase::Respond {
-                stream,
+                mut stream,
                 upgrade: None,
                 ..
             } => {
-                let _ = stream.shutdown(Shutdown::Write);
+                stream.shutdown_write();
                 self.phase = Phase::Linger {
                     stream,
                     discarded: 0,

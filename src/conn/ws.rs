@@ -4,9 +4,10 @@
 //! socket read no more than a bounded amount.
 
 use super::counted::Counted;
+use super::stream::Socket;
 use crate::tally::Tally;
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
@@ -330,18 +331,6 @@ impl<S: Socket> Ws<S> {
     }
 }
 
-/// What a WebSocket runs over: a non-blocking byte stream that can be half-closed.
-pub trait Socket: Read + Write {
-    /// Shuts the write side: the peer sees the end of the stream.
-    fn shutdown_write(&mut self);
-}
-
-impl Socket for mio::net::TcpStream {
-    fn shutdown_write(&mut self) {
-        let _ = self.shutdown(std::net::Shutdown::Write);
-    }
-}
-
 /// Reads and drops whatever the peer still sends, until it closes, the kernel has nothing
 /// more, or the closing socket's read limit is reached (`stream` then says `WouldBlock`).
 fn drain_raw(stream: &mut impl Read) -> WsRead {
@@ -371,10 +360,6 @@ fn ws_result(r: tungstenite::Result<()>) -> WsWrite {
 mod tests {
     use super::super::counted::MockStream;
     use super::*;
-
-    impl Socket for MockStream {
-        fn shutdown_write(&mut self) {}
-    }
 
     fn ws(room: usize, max_unsent: usize) -> Ws<MockStream> {
         ws_in(&UnsentTotals::default(), room, max_unsent)

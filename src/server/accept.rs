@@ -3,7 +3,7 @@
 
 use super::timers::TimerKey;
 use super::{Server, Slot};
-use crate::conn::{Conn, ConnId, HeadRead, Heartbeat, Kind, Stage, Upgrade};
+use crate::conn::{Conn, ConnId, HeadRead, Heartbeat, Kind, Stage, Stream, Upgrade};
 use crate::http::{self, Access, Route};
 use crate::limits::{Client, Refused};
 use crate::metrics;
@@ -71,11 +71,11 @@ impl Server {
         }
     }
 
-    fn admit(&mut self, mut stream: TcpStream, peer: SocketAddr) {
+    fn admit(&mut self, mut tcp: TcpStream, peer: SocketAddr) {
         let now = self.now.mono;
-        let _ = stream.set_nodelay(true);
+        let _ = tcp.set_nodelay(true);
         // Fixed, not autotuned: see SEND_BUFFER_BYTES. A failure only leaves the default.
-        let _ = rustix::net::sockopt::set_socket_send_buffer_size(&stream, SEND_BUFFER_BYTES);
+        let _ = rustix::net::sockopt::set_socket_send_buffer_size(&tcp, SEND_BUFFER_BYTES);
         let live = self.conns.len() - self.refusing;
         // The connection cap first, then the client's own share of it.
         let refusal = if live >= self.config.max_connections {
@@ -98,13 +98,30 @@ impl Server {
             }
         };
         if let Some((answer, status, why)) = &refusal
-            && self.refusing >= REFUSAL_SLACK
+            && (self.refusing >= REFUSAL_SLACK || self.tls.is_some())
         {
-            warn!("user=- peer={peer} refused: {why}");
             self.metrics.refused(*status);
-            let _ = stream.write(answer);
+            if self.tls.is_some() {
+                // An answer would take a TLS handshake first: the CPU and time the refusal
+                // is there to save. The client sees the connection closed.
+                warn!("user=- peer={peer} refused (closed): {why}");
+            } else {
+                warn!("user=- peer={peer} refused: {why}");
+                let _ = tcp.write(answer);
+            }
             return;
         }
+        let stream = match &self.tls {
+            None => Stream::Plain(tcp),
+            Some(tls) => match tls.accept(tcp) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    error!("user=- peer={peer} {e}");
+                    self.per_client.close(Client::of(peer.ip()), now);
+                    return;
+                }
+            },
+        };
         let id = ConnId::new(self.conns.vacant_key(), self.next_generation);
         self.next_generation += 1;
         let refused = refusal.is_some();
@@ -187,7 +204,14 @@ impl Server {
                 Err(why) => self.remove(id, &why),
             },
             Some(Stage::Open | Stage::Closing) => self.flush(id),
-            _ => {}
+            // Nothing of their own to write; TLS may have (its handshake, tickets, the
+            // close_notify of a lingering socket).
+            Some(Stage::Handshake | Stage::Linger | Stage::Await) => {
+                if let Err(why) = conn.flush_tls() {
+                    self.remove(id, &why);
+                }
+            }
+            None => {}
         }
     }
 

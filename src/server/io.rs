@@ -285,6 +285,13 @@ impl Server {
         let Some(Slot { conn, .. }) = slot_in(&mut self.conns, id) else {
             return;
         };
+        if let Some(e) = conn.tls_error() {
+            info!(
+                "user={} peer={} TLS error: {e}; connection dropped",
+                conn.user(),
+                conn.peer()
+            );
+        }
         debug!(
             "user={} peer={} connection ended: {why}",
             conn.user(),

@@ -27,6 +27,7 @@ use crate::session::{Effect, Limits, Now, Sessions, TableLimits};
 use crate::store::{self, Store};
 use crate::systemd::SdNotify;
 use crate::timer::Timers;
+use crate::tls::{Reload, ServerTls, TlsSetupError};
 use log::{error, info, warn};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -59,6 +60,8 @@ const EVENTS_CAPACITY: usize = 1024;
 pub struct ShutdownHandle {
     flag: Arc<AtomicBool>,
     notifier: Notifier,
+    /// With TLS: what SIGHUP does (re-read the certificate and key).
+    reload: Option<Arc<Reload>>,
 }
 
 impl ShutdownHandle {
@@ -69,22 +72,34 @@ impl ShutdownHandle {
         self.notifier.wake();
     }
 
-    /// Starts the graceful shutdown on the first SIGTERM or SIGINT. The signals are read on
-    /// a small thread of their own (signal-hook), which only calls [`ShutdownHandle::shutdown`]:
-    /// nothing runs in a signal handler but signal-hook's own.
+    /// Starts the graceful shutdown on the first SIGTERM or SIGINT; with TLS, also re-reads
+    /// the certificate and key on every SIGHUP. The signals are read on a small thread of
+    /// their own (signal-hook), which only calls [`ShutdownHandle::shutdown`] or reads the
+    /// two files: nothing runs in a signal handler but signal-hook's own, and the event loop
+    /// never waits for a file. Without TLS, SIGHUP keeps its default action.
     pub fn on_termination_signals(&self) -> std::io::Result<()> {
-        let mut signals = signal_hook::iterator::Signals::new([
-            signal_hook::consts::SIGTERM,
-            signal_hook::consts::SIGINT,
-        ])?;
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let mut wanted = vec![SIGTERM, SIGINT];
+        if self.reload.is_some() {
+            wanted.push(SIGHUP);
+        }
+        let mut signals = signal_hook::iterator::Signals::new(&wanted)?;
         let handle = self.clone();
         std::thread::Builder::new()
             .name("straycat-signals".into())
             .stack_size(64 * 1024)
             .spawn(move || {
-                if let Some(sig) = signals.forever().next() {
+                for sig in signals.forever() {
+                    if sig == SIGHUP
+                        && let Some(reload) = &handle.reload
+                    {
+                        info!("signal {sig} received: reloading the TLS certificate");
+                        reload.run();
+                        continue;
+                    }
                     info!("signal {sig} received");
                     handle.shutdown();
+                    break;
                 }
             })
             .map(|_| ())
@@ -158,6 +173,8 @@ pub struct Server {
     /// Unsent bytes of all sockets, kept by the sockets themselves as they change
     /// (`--max-buffered-bytes-total`).
     unsent: UnsentTotals,
+    /// With `--tls-cert`: every connection is TLS, with this certificate.
+    tls: Option<ServerTls>,
 }
 
 impl Server {
@@ -178,6 +195,8 @@ impl Server {
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let notifier = Notifier::new(waker);
+        let tls = ServerTls::from_config(&config, &notifier)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, TlsSetupError(e)))?;
         let backend = agent.into();
         let agent_kind =
             metrics::agent_kind(matches!(backend, Backend::Threads(_)), backend.name());
@@ -225,6 +244,7 @@ impl Server {
             shutdown_handle: ShutdownHandle {
                 flag: Arc::clone(&shutdown_flag),
                 notifier: notifier.clone(),
+                reload: tls.as_ref().map(ServerTls::reload_handle),
             },
             pool,
             tasks,
@@ -255,6 +275,7 @@ impl Server {
                 config.max_connects_per_minute_per_ip,
             ),
             unsent: UnsentTotals::default(),
+            tls,
             config,
         })
     }
@@ -299,7 +320,12 @@ impl Server {
     /// Runs the event loop until shutdown. Only a failing `Poll` ends it with an error.
     pub fn run(mut self) -> std::io::Result<()> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
-        info!("straycat listening on {}", self.local_addr);
+        let tls = if self.tls.is_some() {
+            " (TLS only)"
+        } else {
+            ""
+        };
+        info!("straycat listening on {}{tls}", self.local_addr);
         if let Some(sd) = &self.sd_notify {
             sd.send(&format!("READY=1\nSTATUS=listening on {}", self.local_addr));
         }
@@ -362,6 +388,9 @@ impl Server {
             }
             if woken {
                 self.notifier.clear();
+                if let Some(tls) = &mut self.tls {
+                    tls.take_reloaded();
+                }
                 self.drain_results();
             }
             self.serve_read_queue();
