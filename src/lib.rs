@@ -35,6 +35,9 @@
 pub mod agent;
 pub mod config;
 mod conn;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 pub mod logging;
 mod metrics;

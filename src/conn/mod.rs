@@ -10,6 +10,8 @@ mod ws;
 pub use handshake::HeadRead;
 pub use heartbeat::{Beat, Heartbeat};
 pub use ws::{WsRead, WsWrite};
+#[cfg(feature = "fuzzing")]
+pub(crate) use {counted::MockStream, handshake::read_head};
 
 use crate::http::ChatTarget;
 use crate::session::SessionRef;
@@ -22,7 +24,7 @@ use tungstenite::Message;
 use tungstenite::Utf8Bytes;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::coding::CloseCode;
-use ws::Ws;
+pub(crate) use ws::Ws;
 
 /// Bytes tungstenite reads per `read` call and keeps allocated per connection. Small,
 /// because an idle kiosk connection must cost a few KiB; a larger message grows the buffer

@@ -242,6 +242,11 @@ impl Socket for mio::net::TcpStream {
     }
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
+impl Socket for super::counted::MockStream {
+    fn shutdown_write(&mut self) {}
+}
+
 /// Reads and drops whatever the peer still sends, until it closes.
 fn drain_raw(stream: &mut impl Read) -> WsRead {
     let mut scratch = [0u8; 1024];
@@ -270,10 +275,6 @@ fn ws_result(r: tungstenite::Result<()>) -> WsWrite {
 mod tests {
     use super::super::counted::MockStream;
     use super::*;
-
-    impl Socket for MockStream {
-        fn shutdown_write(&mut self) {}
-    }
 
     fn ws(room: usize, max_unsent: usize) -> Ws<MockStream> {
         let config = WebSocketConfig::default()
