@@ -43,6 +43,9 @@ pub mod agent;
 pub mod auth;
 pub mod config;
 mod conn;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 mod limits;
 pub mod logging;

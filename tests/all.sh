@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every check and test of straycat. On a fresh Debian 12 machine with the Rust
 # toolchain it first installs what the tests need (kosoku, the Autobahn TestSuite runner,
-# from PyPI; for the ARM part, Debian's rustc-web, ARM standard libraries, cross linkers and
-# qemu-user, through apt). This is the README's test command, and what .ci/run calls.
+# from PyPI; cargo-fuzz from crates.io, in fuzz/run.sh; for the ARM part, Debian's
+# rustc-web, ARM standard libraries, cross linkers and qemu-user, through apt). This is the
+# README's test command, and what .ci/run calls.
 #
 # STRAYCAT_TEST_CROSS=0 skips the ARM and package part (for a quick run on a machine where
 # apt and root are not to be touched); CI runs everything.
@@ -50,6 +51,9 @@ if [ "${STRAYCAT_TEST_CROSS:-1}" != 0 ] || command -v haproxy >/dev/null || [ -x
 else
     echo "== STRAYCAT_TEST_CROSS=0 and no haproxy: skipping deploy/test.sh (it would apt-get install it)"
 fi
+
+echo "== fuzzing, a short run: every fuzz target for 20,000 inputs from its seeds (fuzz/run.sh; installs cargo-fuzz)"
+bash fuzz/run.sh
 
 if [ "${STRAYCAT_TEST_CROSS:-1}" = 0 ]; then
     echo "== STRAYCAT_TEST_CROSS=0: skipping the ARM builds, the suite under qemu and the packages"

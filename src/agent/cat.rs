@@ -384,7 +384,7 @@ struct CatTask {
 
 /// What one frame from the Cat means for the turn.
 #[derive(Debug, PartialEq, Eq)]
-enum Relay {
+pub(crate) enum Relay {
     /// A `chat_token` preview.
     Token(String),
     /// A `notification`.
@@ -396,7 +396,7 @@ enum Relay {
 }
 
 /// Reads one text frame of the Cat; `id` is the id of the message it may answer.
-fn relay(text: &str, id: Option<&str>) -> Relay {
+pub(crate) fn relay(text: &str, id: Option<&str>) -> Relay {
     let Ok(Value::Object(frame)) = serde_json::from_str::<Value>(text) else {
         return Relay::Skip("a frame that is not a JSON object".into());
     };
@@ -755,7 +755,7 @@ fn read_before(
 }
 
 /// At most 200 characters of the Cat's text, for an error description.
-fn shorten(s: &str) -> String {
+pub(crate) fn shorten(s: &str) -> String {
     match s.char_indices().nth(200) {
         Some((i, _)) => format!("{}…", &s[..i]),
         None => s.to_string(),

@@ -27,6 +27,13 @@ pub use openai::{OpenAi, OpenAiConfig};
 pub use process::{Process, ProcessConfig};
 pub use task::{MAX_SOURCES, PolledAgent, Step, Task, TaskCtx};
 pub use threaded::{Agent, CancelToken, TurnOutput};
+#[cfg(feature = "fuzzing")]
+pub(crate) use {
+    cat::{Relay, relay, shorten},
+    http1::{Head as HttpHead, Progress, ResponseReader},
+    process::{Output, Tail},
+    sse::{Event as SseEvent, SseDecoder},
+};
 
 use crate::protocol::UserId;
 use serde_json::{Map, Value};

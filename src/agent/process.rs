@@ -601,7 +601,7 @@ fn signal_name(raw: i32) -> Option<&'static str> {
 }
 
 /// The child's stdout, turned into tokens and the reply.
-struct Output {
+pub(crate) struct Output {
     /// The end of the last chunk when it stopped inside a UTF-8 character (≤ 3 bytes).
     partial: Vec<u8>,
     /// A newline that ended the last chunk: sent with the next token, dropped at the end.
@@ -614,7 +614,7 @@ struct Output {
 }
 
 impl Output {
-    fn new(max_bytes: usize) -> Output {
+    pub(crate) fn new(max_bytes: usize) -> Output {
         Output {
             partial: Vec::new(),
             newline_held: false,
@@ -625,7 +625,7 @@ impl Output {
     }
 
     /// Takes one chunk of stdout; the token to send, if it completed any character.
-    fn feed(&mut self, chunk: &[u8]) -> Result<Option<String>, AgentError> {
+    pub(crate) fn feed(&mut self, chunk: &[u8]) -> Result<Option<String>, AgentError> {
         let start = self.seen_bytes - self.partial.len();
         self.seen_bytes += chunk.len();
         let mut bytes = std::mem::take(&mut self.partial);
@@ -672,7 +672,7 @@ impl Output {
     }
 
     /// The reply, once stdout is over.
-    fn finish(&mut self) -> Result<String, AgentError> {
+    pub(crate) fn finish(&mut self) -> Result<String, AgentError> {
         if !self.partial.is_empty() {
             return Err(AgentError::Failed(
                 "the command's output ends in the middle of a UTF-8 character".into(),
@@ -690,12 +690,12 @@ impl Output {
 
 /// The last few KiB of stderr.
 #[derive(Default)]
-struct Tail {
+pub(crate) struct Tail {
     bytes: Vec<u8>,
 }
 
 impl Tail {
-    fn push(&mut self, chunk: &[u8]) {
+    pub(crate) fn push(&mut self, chunk: &[u8]) {
         self.bytes.extend_from_slice(chunk);
         // Trimmed in steps, so that a flood is not copied at every chunk.
         if self.bytes.len() > 2 * STDERR_TAIL_BYTES {
@@ -705,7 +705,7 @@ impl Tail {
     }
 
     /// The last line that is not blank, shortened.
-    fn last_line(&self) -> Option<String> {
+    pub(crate) fn last_line(&self) -> Option<String> {
         let from = self.bytes.len().saturating_sub(STDERR_TAIL_BYTES);
         let text = String::from_utf8_lossy(&self.bytes[from..]);
         let line = text.lines().map(str::trim).rfind(|l| !l.is_empty())?;

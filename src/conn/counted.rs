@@ -160,7 +160,7 @@ impl<S: Write> Write for Counted<S> {
 
 /// A stand-in socket for tests: reads come from `input` (then `WouldBlock`, or the end of
 /// the stream once `eof`), writes are taken up to `room` bytes (then `WouldBlock`).
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 #[derive(Default)]
 pub(crate) struct MockStream {
     pub input: std::collections::VecDeque<u8>,
@@ -170,7 +170,7 @@ pub(crate) struct MockStream {
     pub output: Vec<u8>,
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 impl Read for MockStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.reads += 1;
@@ -188,12 +188,12 @@ impl Read for MockStream {
     }
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 impl Socket for MockStream {
     fn shutdown_write(&mut self) {}
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 impl Write for MockStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if self.room == 0 {

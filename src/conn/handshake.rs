@@ -23,7 +23,7 @@ pub enum HeadRead {
 /// `max_body` bytes) is complete, invalid or the socket would block. Never reads past
 /// `MAX_HEAD_BYTES` (+1, to tell "too large") before the head is complete, nor past the
 /// body after it.
-pub(super) fn read_head(stream: &mut impl Read, buf: &mut Vec<u8>, max_body: usize) -> HeadRead {
+pub(crate) fn read_head(stream: &mut impl Read, buf: &mut Vec<u8>, max_body: usize) -> HeadRead {
     loop {
         let limit = match http::parse_head(buf) {
             Head::Complete(req, len) => {

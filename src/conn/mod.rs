@@ -14,6 +14,8 @@ pub use stream::Stream;
 #[cfg(feature = "tls")]
 pub use stream::TlsStream;
 pub use ws::{UnsentTotals, WsRead, WsWrite};
+#[cfg(feature = "fuzzing")]
+pub(crate) use {counted::MockStream, handshake::read_head};
 
 use crate::http::ChatTarget;
 use crate::session::SessionRef;
@@ -27,7 +29,7 @@ use tungstenite::Message;
 use tungstenite::Utf8Bytes;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::coding::CloseCode;
-use ws::Ws;
+pub(crate) use ws::Ws;
 
 /// Bytes tungstenite reads per `read` call and keeps allocated per connection. Small,
 /// because an idle kiosk connection must cost a few KiB; a larger message grows the buffer

@@ -13,13 +13,15 @@ mod queue;
 mod record;
 
 pub use record::Change;
+#[cfg(feature = "fuzzing")]
+pub(crate) use record::encode;
 
 use crate::protocol::UserId;
 use crate::session::{Effect, Now, Sessions};
 use journal::{Journal, Msg, segment_number, segment_path};
 use log::{error, info, warn};
 use queue::Queue;
-use record::{Decoded, decode};
+pub(crate) use record::{Decoded, decode};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -155,27 +157,13 @@ impl Store {
             let path = segment_path(dir, n);
             let data = fs::read(&path)
                 .map_err(|e| format!("cannot read the state file {}: {e}", path.display()))?;
-            let mut at = 0;
-            let mut last = None;
-            while at < data.len() {
-                match decode(&data[at..]) {
-                    Decoded::Record { user, change, len } => {
-                        at += len;
-                        kept += 1;
-                        last = Some(change == Change::Clean);
-                        if let Some(user) = user {
-                            restore(user, change);
-                        }
-                    }
-                    Decoded::Short | Decoded::Damaged => {
-                        dropped += (data.len() - at) as u64;
-                        damaged_files += 1;
-                        last = Some(false);
-                        break;
-                    }
-                }
+            let replayed = replay(&data, &mut restore);
+            kept += replayed.kept;
+            if replayed.dropped > 0 {
+                dropped += replayed.dropped as u64;
+                damaged_files += 1;
             }
-            if let Some(last) = last {
+            if let Some(last) = replayed.clean {
                 clean = last;
             }
             older.push((n, data.len() as u64));
@@ -392,6 +380,45 @@ impl Store {
                 STOP_WAIT.as_secs()
             ),
         }
+    }
+}
+
+/// What the replay of one segment found.
+pub(crate) struct Replayed {
+    /// Records decoded and handed on.
+    pub kept: u64,
+    /// Bytes at the end that are not whole records (a write torn by a crash, or damage).
+    pub dropped: usize,
+    /// Whether the segment ends with a `Clean` mark; `None` for an empty segment.
+    pub clean: Option<bool>,
+}
+
+/// Decodes the records of one segment in order, handing each to `restore`, up to the first
+/// that is not whole. Pure, so a damaged segment is a fuzz target rather than a file.
+pub(crate) fn replay(data: &[u8], mut restore: impl FnMut(UserId, Change)) -> Replayed {
+    let mut at = 0;
+    let mut kept = 0;
+    let mut clean = None;
+    while let Some(rest) = data.get(at..).filter(|r| !r.is_empty()) {
+        match decode(rest) {
+            Decoded::Record { user, change, len } => {
+                at += len;
+                kept += 1;
+                clean = Some(change == Change::Clean);
+                if let Some(user) = user {
+                    restore(user, change);
+                }
+            }
+            Decoded::Short | Decoded::Damaged => {
+                clean = Some(false);
+                break;
+            }
+        }
+    }
+    Replayed {
+        kept,
+        dropped: data.len().saturating_sub(at),
+        clean,
     }
 }
 
