@@ -568,11 +568,18 @@ pub fn jwt(data: &[u8]) {
         let claims: serde_json::Value = token
             .split('.')
             .nth(1)
-            .and_then(|c| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c).ok())
+            .and_then(|c| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(c)
+                    .ok()
+            })
             .and_then(|c| serde_json::from_slice(&c).ok())
             .unwrap_or_default();
         let exp = claims["exp"].as_f64().unwrap_or(-1.0);
-        assert!(exp + crate::auth::LEEWAY_SECS as f64 >= now as f64 - 1.0, "{token}");
+        assert!(
+            exp + crate::auth::LEEWAY_SECS as f64 >= now as f64 - 1.0,
+            "{token}"
+        );
     }
     // What `straycat token` signs is accepted back.
     if let Some(user) = std::str::from_utf8(rest).ok().and_then(UserId::parse) {
