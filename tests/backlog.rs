@@ -306,3 +306,40 @@ fn a_reader_that_never_reads_pins_little_kernel_memory() {
         "{received} bytes were queued for a client that never read: the kernel buffered far more than its fixed send buffer"
     );
 }
+
+/// The loop's iterations so far, from `/metrics` (each scrape is one more).
+fn loop_iterations(server: &Server) -> u64 {
+    let body = http_get(server.addr(), "/metrics").body;
+    body.lines()
+        .find_map(|l| l.strip_prefix("straycat_loop_iteration_seconds_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no iteration count in {body}"))
+}
+
+/// A socket we failed (a protocol error) and shut for writing, whose peer then neither
+/// reads nor closes: the loop must sleep until the close deadline, not wake for it again
+/// and again (each shutdown of the write side was a new readiness event, whose flush shut
+/// it again: tens of thousands of iterations a second).
+#[test]
+fn a_failed_socket_waiting_for_its_deadline_costs_no_iterations() {
+    let server = Server::start(&["--raw-echo"]);
+    let mut s = tcp(server.addr());
+    raw_handshake(&mut s, server.addr(), "/echo");
+    // Opcode 3 is reserved (RFC 6455 §5.2): a protocol error, close 1002.
+    write_frame(&mut s, 0x3, b"x").expect("write");
+    assert!(
+        server.wait_log("closing with 1002", Duration::from_secs(10)),
+        "{:?}",
+        server.logs()
+    );
+    let before = loop_iterations(&server);
+    // The socket waits out its 5 s close deadline; a second of it is watched.
+    std::thread::sleep(Duration::from_secs(1));
+    let during = loop_iterations(&server) - before;
+    eprintln!("loop iterations in 1 s while the failed socket waits: {during}");
+    assert!(
+        during < 200,
+        "{during} loop iterations in a second with nothing to do"
+    );
+    drop(s);
+}

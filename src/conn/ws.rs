@@ -77,6 +77,10 @@ pub struct Ws<S> {
     ws: WebSocket<Counted<S>>,
     /// The peer broke the protocol: we only send our close frame and drain what arrives.
     failed: bool,
+    /// Our write side is shut (after a failure): once only, because each shutdown is a new
+    /// readiness event, and the flush it wakes would shut again (a busy loop until the
+    /// close deadline, found by the abuse soak).
+    write_shut: bool,
     /// Bytes of WebSocket frames handed to tungstenite (resynchronised with what the
     /// kernel took at every complete flush).
     queued: u64,
@@ -132,6 +136,7 @@ impl<S: Socket> Ws<S> {
                 Some(config),
             ),
             failed: false,
+            write_shut: false,
             queued: 0,
             max_unsent: max_unsent as u64,
             in_flight: VecDeque::new(),
@@ -295,9 +300,10 @@ impl<S: Socket> Ws<S> {
         match result {
             // Everything went, pongs and close frames tungstenite added included.
             WsWrite::Ok => {
-                if self.failed && closing {
+                if self.failed && closing && !self.write_shut {
                     // Our close frame is out and we will not parse the peer's reply:
                     // closing our side lets the peer see the end and close too.
+                    self.write_shut = true;
                     self.stream_mut().shutdown_write();
                 }
                 if let Some(&(_, seq)) = self.in_flight.back() {
