@@ -353,3 +353,32 @@ fn open_connections_per_address_are_bounded() {
     let mut buf = [0u8; 1];
     let _ = third.read(&mut buf);
 }
+
+#[test]
+fn a_flood_of_unreadable_frames_counts_against_the_rate_and_is_closed() {
+    let server = Server::start(&["--max-messages-per-minute", "5"]);
+    let mut c = server.connect("garbler", "");
+    // Each one is told what was wrong, as always, and the socket stays open...
+    for _ in 0..3 {
+        c.send_text("not json");
+        let e = c.recv_json();
+        assert_eq!(e["name"], "InvalidMessage", "{e}");
+    }
+    // ...and each counts: two messages are left of the minute's five.
+    c.say("one", None);
+    assert_chat(&c.recv_until_chat().1, "garbler", "one", None);
+    c.say("two", None);
+    assert_chat(&c.recv_until_chat().1, "garbler", "two", None);
+    c.say("three", None);
+    assert_eq!(c.recv_json()["name"], "RateLimited");
+    // A client that goes on sending garbage regardless is closed with 1008.
+    for _ in 0..30 {
+        c.send_text("{");
+    }
+    let (before, close) = c.expect_close();
+    assert_eq!(close.map(|(code, _)| code), Some(1008), "{before:?}");
+    assert!(
+        before.len() <= 12,
+        "at most a minute's allowance (the floor of 10) of error frames before the close: {before:?}"
+    );
+}

@@ -313,29 +313,22 @@ impl Session {
                 },
             };
         }
-        let per_minute = limits.max_messages_per_minute;
-        if per_minute > 0 {
-            let bucket = self
-                .rate
-                .get_or_insert_with(|| Bucket::full(per_minute, now.mono));
-            if let Err(wait) = bucket.take(per_minute, now.mono) {
-                self.refused_in_row = self.refused_in_row.saturating_add(1);
-                let why = format!(
-                    "more than {per_minute} messages a minute; this one was not run, send it again in {} s",
-                    wait.as_secs().max(1)
-                );
-                let id = msg.id.clone();
-                return Accepted::RateLimited {
-                    flooding: self.refused_in_row > flood_after(per_minute),
-                    frame: self.push(
-                        Held::Error(ErrorName::RateLimited, why),
-                        id.as_deref(),
-                        limits,
-                        now,
-                    ),
-                };
-            }
-            self.refused_in_row = 0;
+        if let Err(wait) = self.take_rate(limits, now) {
+            let per_minute = limits.max_messages_per_minute;
+            let why = format!(
+                "more than {per_minute} messages a minute; this one was not run, send it again in {} s",
+                wait.as_secs().max(1)
+            );
+            let id = msg.id.clone();
+            return Accepted::RateLimited {
+                flooding: self.is_flooding(limits),
+                frame: self.push(
+                    Held::Error(ErrorName::RateLimited, why),
+                    id.as_deref(),
+                    limits,
+                    now,
+                ),
+            };
         }
         if self.running.is_some() && self.queue.len() >= limits.max_queued_turns {
             let why = format!(
@@ -355,6 +348,35 @@ impl Session {
         }
         self.enqueue(msg, limits);
         Accepted::Queued
+    }
+
+    /// Takes one message's worth from the `--max-messages-per-minute` bucket; else how long
+    /// until there is one. Every frame a client sends that is answered with a held frame
+    /// counts, unreadable ones too: an error frame costs as much as a reply to hold and
+    /// to journal.
+    pub fn take_rate(&mut self, limits: &Limits, now: Now) -> Result<(), Duration> {
+        let per_minute = limits.max_messages_per_minute;
+        if per_minute == 0 {
+            return Ok(());
+        }
+        let bucket = self
+            .rate
+            .get_or_insert_with(|| Bucket::full(per_minute, now.mono));
+        match bucket.take(per_minute, now.mono) {
+            Ok(()) => {
+                self.refused_in_row = 0;
+                Ok(())
+            }
+            Err(wait) => {
+                self.refused_in_row = self.refused_in_row.saturating_add(1);
+                Err(wait)
+            }
+        }
+    }
+
+    /// The client went on far past the rate limit without slowing down: its socket should go.
+    pub fn is_flooding(&self, limits: &Limits) -> bool {
+        self.refused_in_row > flood_after(limits.max_messages_per_minute)
     }
 
     /// Queues an accepted message and remembers its id as pending.

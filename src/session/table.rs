@@ -347,10 +347,16 @@ impl Sessions {
     ) {
         let limits = self.limits.session;
         if let Some(entry) = self.attached(conn, at) {
+            // Unreadable frames count against the message rate too; the error still tells
+            // the client what was wrong, and a flood of them closes the socket.
+            let limited = entry.session.take_rate(&limits, now).is_err();
             let frame = entry
                 .session
                 .push(Held::Error(name, why), None, &limits, now);
             out.push(Effect::Send(conn, frame));
+            if limited && entry.session.is_flooding(&limits) {
+                out.push(Effect::Flooding(conn));
+            }
             self.collect(&at.user);
         }
     }
