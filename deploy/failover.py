@@ -212,6 +212,9 @@ class Instance:
         self.proc = subprocess.Popen(
             [self.binary, "--listen", f"127.0.0.1:{self.port}", "--state-dir", self.state,
              "--log-level", "info", "--agent", "echo", "--echo-delay-ms", str(ECHO_DELAY_MS)],
+            # As straycat@.service sets them: behind HAProxy every client has its address.
+            env={**os.environ, "STRAYCAT_MAX_CONNECTIONS_PER_IP": "0",
+                 "STRAYCAT_MAX_CONNECTS_PER_MINUTE_PER_IP": "0"},
             stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
         children.append(self.proc)
         logf.close()
