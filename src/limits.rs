@@ -131,10 +131,14 @@ impl PerClient {
     /// A connection from `client` was accepted: counts it, or refuses it.
     pub fn open(&mut self, client: Client, now: Instant) -> Result<(), Refused> {
         let max_open = self.max_open;
+        // Off: nothing to count (the upgrade bucket makes its own entry).
+        if max_open == 0 {
+            return Ok(());
+        }
         let Some(entry) = self.entry(client, now) else {
             return Ok(());
         };
-        if entry.open >= max_open && max_open > 0 {
+        if entry.open >= max_open {
             return Err(Refused::Open(entry.open));
         }
         entry.open += 1;
