@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tungstenite::{Error as WsError, Message};
 
 /// Reads once from a client that answers pings (tungstenite queues the pong and sends it on
@@ -270,19 +270,7 @@ fn slow_consumer_is_closed_with_1008_and_keeps_its_frames() {
     s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
 
     // Many 30 KB messages, never reading the ~120 KB of answer each one produces.
-    let word = "a".repeat(30_000);
-    let mut sent = 0;
-    for i in 0..400 {
-        if server.has_log("slow consumer") {
-            break;
-        }
-        let m = json!({"text": word, "id": format!("s{i}")}).to_string();
-        if let Err(e) = write_frame(&mut s, OP_TEXT, m.as_bytes()) {
-            eprintln!("write {i} failed ({e}); stop sending");
-            break;
-        }
-        sent += 1;
-    }
+    let sent = flood_until_slow_consumer(&server, &mut s);
     let line = server
         .wait_log_all(&["slow consumer", "user=slow"], Duration::from_secs(20))
         .unwrap_or_else(|| panic!("no `slow consumer` warning after {sent} messages"));

@@ -7,8 +7,8 @@
 mod common;
 
 use common::{
-    OP_TEXT, READ_TIMEOUT, RawMsg, Server, assert_chat, read_raw_msg, read_until_eof, words,
-    write_frame,
+    OP_TEXT, READ_TIMEOUT, RawMsg, Server, assert_chat, flood_until_slow_consumer, read_raw_msg,
+    read_until_eof, words, write_frame,
 };
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
@@ -538,17 +538,7 @@ fn a_slow_consumer_over_tls_is_closed_with_1008() {
     assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"));
 
     // Many 30 KB messages, never reading the answers.
-    let word = "a".repeat(30_000);
-    for i in 0..400 {
-        if server.has_log("slow consumer") {
-            break;
-        }
-        let m = json!({"text": word, "id": format!("s{i}")}).to_string();
-        if let Err(e) = write_frame(&mut s, OP_TEXT, m.as_bytes()) {
-            eprintln!("write {i} failed ({e}); stop sending");
-            break;
-        }
-    }
+    flood_until_slow_consumer(&server, &mut s);
     let line = server
         .wait_log_all(&["slow consumer", "user=slow"], Duration::from_secs(20))
         .expect("a slow consumer warning");

@@ -661,6 +661,25 @@ pub fn tiny_window(addr: SocketAddr, path: &str) -> TcpStream {
     s
 }
 
+/// Sends 30 KB chat messages on `s` (up to 400) without reading the answers, until the
+/// server logs a slow consumer or a write fails: how many were sent.
+pub fn flood_until_slow_consumer(server: &Server, s: &mut impl Write) -> usize {
+    let word = "a".repeat(30_000);
+    let mut sent = 0;
+    for i in 0..400 {
+        if server.has_log("slow consumer") {
+            break;
+        }
+        let m = serde_json::json!({"text": word, "id": format!("s{i}")}).to_string();
+        if let Err(e) = write_frame(s, OP_TEXT, m.as_bytes()) {
+            eprintln!("write {i} failed ({e}); stop sending");
+            break;
+        }
+        sent += 1;
+    }
+    sent
+}
+
 pub const OP_CONT: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
 pub const OP_BINARY: u8 = 0x2;
