@@ -399,7 +399,7 @@ fn route_api(req: &Request, api: Api, access: &Access<'_>) -> Route {
 }
 
 /// What a user id may be, for the 400 that refuses one.
-const USER_ID_RULE: &str = "1-64 characters of A-Z a-z 0-9 _ . @ -";
+pub(crate) const USER_ID_RULE: &str = "1-64 characters of A-Z a-z 0-9 _ . @ -";
 
 /// Whether `given` is the `--api-key` (always, without one); compared in constant time.
 fn key_ok(api_key: Option<&str>, given: Option<&str>) -> bool {

@@ -319,13 +319,12 @@ Prints a token for user ID, valid for N seconds, signed with the --jwt-secret\n\
 (or STRAYCAT_JWT_SECRET) the server runs with. A kiosk opens /ws?token=TOKEN.\n";
 
 /// `straycat token …`: its options, and the secret from the command line or `env`.
-fn parse_token<I, E>(args: I, env: E) -> Result<Command, ConfigError>
+fn parse_token<I, E>(mut args: I, env: E) -> Result<Command, ConfigError>
 where
     I: Iterator<Item = String>,
     E: Fn(&str) -> Option<String>,
 {
     let (mut user, mut ttl, mut secret) = (None, None, env(&env_name("jwt-secret")));
-    let mut args = args.peekable();
     while let Some(arg) = args.next() {
         let (name, inline) = match arg.split_once('=') {
             Some((n, v)) => (n.to_string(), Some(v.to_string())),
@@ -341,8 +340,9 @@ where
             "--user" => match crate::UserId::parse(&value) {
                 Some(u) => user = Some(u),
                 None => {
+                    let rule = crate::http::USER_ID_RULE;
                     return Err(ConfigError(format!(
-                        "token: invalid user id '{value}': 1-64 characters of A-Z a-z 0-9 _ . @ -"
+                        "token: invalid user id '{value}': {rule}"
                     )));
                 }
             },
