@@ -77,6 +77,7 @@ impl Server {
         // Fixed, not autotuned: see SEND_BUFFER_BYTES. A failure only leaves the default.
         let _ = rustix::net::sockopt::set_socket_send_buffer_size(&tcp, SEND_BUFFER_BYTES);
         let live = self.conns.len() - self.refusing;
+        let client = Client::of(peer.ip());
         // The connection cap first, then the client's own share of it.
         let refusal = if live >= self.config.max_connections {
             Some((
@@ -85,7 +86,7 @@ impl Server {
                 format!("connection cap {} reached", self.config.max_connections),
             ))
         } else {
-            match self.per_client.open(Client::of(peer.ip()), now) {
+            match self.per_client.open(client, now) {
                 Ok(()) => None,
                 Err(_) => Some((
                     http::too_many("too many connections from your address", RETRY_OPEN),
@@ -117,7 +118,7 @@ impl Server {
                 Ok(stream) => stream,
                 Err(e) => {
                     error!("user=- peer={peer} {e}");
-                    self.per_client.close(Client::of(peer.ip()), now);
+                    self.per_client.close(client, now);
                     return;
                 }
             },
@@ -150,7 +151,7 @@ impl Server {
             if refused {
                 self.refusing -= 1;
             } else {
-                self.per_client.close(Client::of(peer.ip()), now);
+                self.per_client.close(client, now);
             }
             return;
         }
